@@ -1,0 +1,61 @@
+"""The loss module: GRPO, DAPO, GTPO and GRPO-S as pure functions over `[P, G, T]` groups."""
+
+from gtpo_jax.losses.advantages import (
+    GRPOSNorm,
+    GTPONorm,
+    NormScope,
+    grpo_advantages,
+    grpo_s_advantages,
+    grpo_s_sequence_rewards_from_sets,
+    gtpo_advantages,
+    gtpo_token_rewards,
+    informative_groups,
+    overlong_penalty,
+)
+from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, LossOutput, RatioLevel, policy_loss
+from gtpo_jax.losses.registry import (
+    RECIPES,
+    Algorithm,
+    ConfigError,
+    LossBatch,
+    LossConfig,
+    Recipe,
+    compute_loss,
+    mean_loss,
+    prepare_batch,
+    register,
+)
+from gtpo_jax.losses.stats import MaxStat, MeanStat, MinStat, finalize_diagnostics, merge_diagnostics
+
+__all__ = [
+    "RECIPES",
+    "Algorithm",
+    "ConfigError",
+    "GRPOSNorm",
+    "GTPONorm",
+    "KLEstimator",
+    "LossAgg",
+    "LossBatch",
+    "LossConfig",
+    "LossOutput",
+    "MaxStat",
+    "MeanStat",
+    "MinStat",
+    "NormScope",
+    "RatioLevel",
+    "Recipe",
+    "compute_loss",
+    "finalize_diagnostics",
+    "grpo_advantages",
+    "grpo_s_advantages",
+    "grpo_s_sequence_rewards_from_sets",
+    "gtpo_advantages",
+    "gtpo_token_rewards",
+    "informative_groups",
+    "mean_loss",
+    "merge_diagnostics",
+    "overlong_penalty",
+    "policy_loss",
+    "prepare_batch",
+    "register",
+]

@@ -1,0 +1,320 @@
+"""Advantage estimators for GRPO, DAPO, GTPO and GRPO-S over group-aligned arrays.
+
+Layout: `P` prompts, each with a group of `G` responses padded to `T` tokens.
+`rewards` is `[P, G]`, `mask` and `entropy` are `[P, G, T]`. `O+` is the set of responses of
+a group whose reward is above `success_threshold`, `O-` the rest. Formulas follow
+`shared/spec/algorithms.md` (equation numbers of arXiv 2508.04349 v6).
+
+Every function here is pure and jit-able (modes and hyperparameters are static Python
+values), treats `rewards`, `entropy` and `mask` as constants (no gradient flows into them),
+and ignores whatever values padded positions hold: they are replaced before any arithmetic,
+so NaN or inf in padding cannot leak into the result.
+
+The `*_from_sets` variants take the success sets explicitly (`correct`, `[P, G]` bool). The
+trainer uses them when the reward that enters the formula has been shaped (for instance by
+the DAPO overlong penalty) but the success decision must stay on the verifier's verdict.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from gtpo_jax.losses.stats import float_dtype, masked_mean_std, parse_enum, safe_divide
+
+
+class GTPONorm(enum.StrEnum):
+    """How GTPO normalises the shaped token rewards of O+ and O- (Eq. 6)."""
+
+    PAPER = "paper"  # each set's statistics over all valid tokens, 0 on the other set's tokens
+    OWN_SET = "own_set"  # each set's statistics over its own tokens only
+    JOINT = "joint"  # one mean/std over both sets' shaped rewards
+
+
+class NormScope(enum.StrEnum):
+    """Which tokens GTPO's normalisation statistics are taken over."""
+
+    GROUP = "group"  # per prompt (default)
+    BATCH = "batch"  # over every informative group of the batch
+
+
+class GRPOSNorm(enum.StrEnum):
+    """How GRPO-S normalises the shaped sequence rewards."""
+
+    PAPER = "paper"  # separately for O+ and O-, over all G responses with 0 on the other set
+    JOINT = "joint"  # one mean/std over all G shaped rewards
+
+
+def _constant(x: ArrayLike, dtype: jnp.dtype) -> Array:
+    return jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
+
+
+def success_sets(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P G"]:
+    """`True` for responses in O+ (reward strictly above `success_threshold`)."""
+    return jnp.asarray(rewards) > success_threshold
+
+
+def informative_from_sets(correct: Bool[ArrayLike, "P G"]) -> Bool[Array, "P"]:
+    """Groups with at least one success and one failure (`n > 0` and `m > 0`)."""
+    correct = jnp.asarray(correct, dtype=bool)
+    return jnp.any(correct, axis=-1) & jnp.any(~correct, axis=-1)
+
+
+def informative_groups(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P"]:
+    """DAPO dynamic sampling's keep-decision: does the group mix successes and failures?
+
+    Decided on correctness (reward above `success_threshold`), never on a shaped reward: a
+    group of all-correct responses with different overlong penalties is still uninformative.
+    """
+    return informative_from_sets(success_sets(rewards, success_threshold=success_threshold))
+
+
+def overlong_penalty(
+    lengths: Int[ArrayLike, "P G"], *, max_len: int, buffer_len: int, penalty: float = 1.0
+) -> Float[Array, "P G"]:
+    """DAPO's soft overlong punishment, counted in tokens (a value <= 0 to add to the reward).
+
+    0 up to `max_len - buffer_len` tokens, then falling linearly to `-penalty` at `max_len`
+    (and staying there beyond it).
+    """
+    if not buffer_len > 0:
+        raise ValueError(f"buffer_len={buffer_len!r}: must be > 0 (set it to 0 in the config to disable the penalty)")
+    if not buffer_len <= max_len:
+        raise ValueError(f"buffer_len={buffer_len!r} must not exceed max_len={max_len!r}")
+    lengths = jnp.asarray(lengths)
+    excess = (lengths - (max_len - buffer_len)).astype(float_dtype(lengths)) / buffer_len
+    return -penalty * jnp.clip(excess, 0.0, 1.0)
+
+
+def grpo_advantages(
+    rewards: Float[ArrayLike, "P G"], mask: ArrayLike, *, scale_rewards: bool = True, eps: float = 1e-6
+) -> Float[Array, "P G T"]:
+    """GRPO: `A_i = (r_i - mean_G r) / (std_G r + eps)`, broadcast to the response's tokens.
+
+    Population std over the group. `scale_rewards=False` is Dr.GRPO (no division by std).
+    A group whose rewards are all equal gets exactly zero advantage; padding gets 0.
+    """
+    dtype = float_dtype(rewards)
+    r = _constant(rewards, dtype)
+    m = _constant(mask, dtype)
+    adv = r - jnp.mean(r, axis=-1, keepdims=True)
+    if scale_rewards:
+        adv = adv / (jnp.std(r, axis=-1, keepdims=True) + eps)
+    return adv[..., None] * m
+
+
+def _token_sets(correct: Array, mask: Array, entropy: Array, dtype: jnp.dtype) -> tuple[Array, Array, Array]:
+    """0/1 weights of O+ and O- tokens and the sanitised entropy (1.0 on padding, >= 0 elsewhere)."""
+    m = _constant(mask, dtype)
+    correct = jnp.asarray(correct, dtype=bool)
+    w_pos = m * correct[..., None].astype(dtype)
+    w_neg = m * (~correct)[..., None].astype(dtype)
+    # Entropy is non-negative; clamping only removes round-off below zero.
+    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 1.0)
+    return w_pos, w_neg, h
+
+
+def gtpo_token_rewards_from_sets(
+    rewards: Float[ArrayLike, "P G"],
+    correct: Bool[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    eps: float = 1e-6,
+) -> Float[Array, "P G T"]:
+    """GTPO's shaped token rewards (Eq. 3 and Eq. 5): `r+` on O+ tokens, `r-` on O- tokens, 0 on padding.
+
+        r+_{i,t} =  alpha1 * r_i + alpha2 * d_t * H_{i,t} / sum_{k in O+ alive at t} H_{k,t}
+        r-_{j,t} = -alpha1       - alpha2 * h_t * (1/H_{j,t}) / sum_{k in O- alive at t} (1/H_{k,t})
+
+    `d_t` / `h_t` count the alive O+ / O- responses at position t; `H` is `entropy + eps`.
+    """
+    dtype = float_dtype(rewards, entropy)
+    r = _constant(rewards, dtype)
+    w_pos, w_neg, h = _token_sets(jnp.asarray(correct), mask, entropy, dtype)
+    h = h + eps
+    inv_h = 1.0 / h
+    d_t = jnp.sum(w_pos, axis=1, keepdims=True)  # [P, 1, T]
+    h_t = jnp.sum(w_neg, axis=1, keepdims=True)
+    share_pos = safe_divide(h, jnp.sum(w_pos * h, axis=1, keepdims=True))  # H_i / sum_{O+} H
+    share_neg = safe_divide(inv_h, jnp.sum(w_neg * inv_h, axis=1, keepdims=True))
+    r_pos = w_pos * (alpha1 * r[..., None] + alpha2 * d_t * share_pos)
+    r_neg = w_neg * (-alpha1 - alpha2 * h_t * share_neg)
+    return r_pos + r_neg
+
+
+def gtpo_token_rewards(
+    rewards: Float[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    success_threshold: float = 0.5,
+    eps: float = 1e-6,
+) -> Float[Array, "P G T"]:
+    """`gtpo_token_rewards_from_sets` with O+ decided by `rewards > success_threshold`."""
+    correct = success_sets(rewards, success_threshold=success_threshold)
+    return gtpo_token_rewards_from_sets(rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps)
+
+
+def gtpo_advantages_from_sets(
+    rewards: Float[ArrayLike, "P G"],
+    correct: Bool[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    eps: float = 1e-6,
+    norm: GTPONorm | str = GTPONorm.PAPER,
+    scope: NormScope | str = NormScope.GROUP,
+) -> Float[Array, "P G T"]:
+    """GTPO token advantages (Eq. 6) given the success sets; see `gtpo_advantages`."""
+    norm = parse_enum(GTPONorm, norm, "norm")
+    scope = parse_enum(NormScope, scope, "scope")
+    dtype = float_dtype(rewards, entropy)
+    correct = jnp.asarray(correct, dtype=bool)
+    shaped = gtpo_token_rewards_from_sets(rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps)
+    w_pos, w_neg, _ = _token_sets(correct, mask, entropy, dtype)
+    informative = informative_from_sets(correct).astype(dtype)[:, None, None]
+    # Statistics only ever see tokens of informative groups: the others carry no signal.
+    w_pos, w_neg = w_pos * informative, w_neg * informative
+    valid = w_pos + w_neg
+    r_pos, r_neg = shaped * w_pos, shaped * w_neg
+    axes = (1, 2) if scope is NormScope.GROUP else (0, 1, 2)
+
+    if norm is GTPONorm.PAPER:
+        mean_pos, std_pos = masked_mean_std(r_pos, valid, axes)
+        mean_neg, std_neg = masked_mean_std(r_neg, valid, axes)
+    elif norm is GTPONorm.OWN_SET:
+        mean_pos, std_pos = masked_mean_std(r_pos, w_pos, axes)
+        mean_neg, std_neg = masked_mean_std(r_neg, w_neg, axes)
+    else:
+        mean_pos, std_pos = masked_mean_std(r_pos + r_neg, valid, axes)
+        mean_neg, std_neg = mean_pos, std_pos
+    adv_pos = (r_pos - mean_pos) / (std_pos + eps)
+    adv_neg = (r_neg - mean_neg) / (std_neg + eps)
+    return w_pos * adv_pos + w_neg * adv_neg
+
+
+def gtpo_advantages(
+    rewards: Float[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    alpha1: float = 1.0,
+    alpha2: float = 0.1,
+    success_threshold: float = 0.5,
+    eps: float = 1e-6,
+    norm: GTPONorm | str = "paper",
+    scope: NormScope | str = "group",
+) -> Float[Array, "P G T"]:
+    """GTPO: entropy-shaped token rewards (Eq. 3, 5), normalised per set (Eq. 6).
+
+    `norm="paper"` (default): `R+` holds `r+` on O+ tokens and 0 on O- tokens, and its
+    mean and population std are taken over all valid tokens of the group (`R-` likewise);
+    `A+ = (r+ - mean R+) / (std R+ + eps)` is written to O+ tokens, `A-` to O- tokens.
+    `"own_set"` takes each set's statistics over its own tokens, `"joint"` one mean/std over
+    all shaped rewards. `scope="batch"` pools the statistics over every informative group.
+
+    With binary rewards, `alpha1 = 1` and `p` the fraction of the group's valid tokens in
+    O+, the paper norm gives every O+ token `A > 0` and every O- token `A < 0` exactly when
+    `alpha2 / (alpha1 + alpha2) < p < alpha1 / (alpha1 + alpha2)` (0.091 < p < 0.909 at the
+    defaults): the set means are `(alpha1 + alpha2) * p` and `-(alpha1 + alpha2) * (1 - p)`,
+    while `r+ > alpha1` and `r- < -alpha1`. Groups with no success or no failure get 0.
+    """
+    correct = success_sets(rewards, success_threshold=success_threshold)
+    return gtpo_advantages_from_sets(
+        rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps, norm=norm, scope=scope
+    )
+
+
+def grpo_s_sequence_rewards_from_sets(
+    rewards: Float[ArrayLike, "P G"],
+    correct: Bool[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    eps: float = 1e-6,
+) -> Float[Array, "P G"]:
+    """GRPO-S shaped sequence rewards (Eq. 9), with `Ĥ_i` the mean entropy of response i plus eps.
+
+    r+_i =  beta1 * r_i + beta2 * n * Ĥ_i / sum_{k in O+} Ĥ_k
+    r-_j = -beta1       - beta2 * m * (1/Ĥ_j) / sum_{k in O-} (1/Ĥ_k)
+    """
+    dtype = float_dtype(rewards, entropy)
+    r = _constant(rewards, dtype)
+    correct = jnp.asarray(correct, dtype=bool)
+    m = _constant(mask, dtype)
+    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 0.0)
+    mean_h = jnp.sum(h, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1) + eps  # [P, G]
+    inv_h = 1.0 / mean_h
+    pos = correct.astype(dtype)
+    neg = 1.0 - pos
+    n = jnp.sum(pos, axis=-1, keepdims=True)
+    m_count = jnp.sum(neg, axis=-1, keepdims=True)
+    share_pos = safe_divide(mean_h, jnp.sum(pos * mean_h, axis=-1, keepdims=True))
+    share_neg = safe_divide(inv_h, jnp.sum(neg * inv_h, axis=-1, keepdims=True))
+    r_pos = pos * (beta1 * r + beta2 * n * share_pos)
+    r_neg = neg * (-beta1 - beta2 * m_count * share_neg)
+    return r_pos + r_neg
+
+
+def grpo_s_advantages_from_sets(
+    rewards: Float[ArrayLike, "P G"],
+    correct: Bool[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    eps: float = 1e-6,
+    norm: GRPOSNorm | str = GRPOSNorm.PAPER,
+) -> Float[Array, "P G"]:
+    """GRPO-S sequence advantages given the success sets; see `grpo_s_advantages`."""
+    norm = parse_enum(GRPOSNorm, norm, "norm")
+    dtype = float_dtype(rewards, entropy)
+    correct = jnp.asarray(correct, dtype=bool)
+    shaped = grpo_s_sequence_rewards_from_sets(rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps)
+    pos = correct.astype(dtype)
+    neg = 1.0 - pos
+    every = jnp.ones_like(shaped)
+    if norm is GRPOSNorm.PAPER:
+        mean_pos, std_pos = masked_mean_std(shaped * pos, every, (-1,))
+        mean_neg, std_neg = masked_mean_std(shaped * neg, every, (-1,))
+    else:
+        mean_pos, std_pos = masked_mean_std(shaped, every, (-1,))
+        mean_neg, std_neg = mean_pos, std_pos
+    adv = pos * (shaped - mean_pos) / (std_pos + eps) + neg * (shaped - mean_neg) / (std_neg + eps)
+    return adv * informative_from_sets(correct).astype(dtype)[:, None]
+
+
+def grpo_s_advantages(
+    rewards: Float[ArrayLike, "P G"],
+    entropy: Float[ArrayLike, "P G T"],
+    mask: ArrayLike,
+    *,
+    beta1: float = 1.0,
+    beta2: float = 0.1,
+    success_threshold: float = 0.5,
+    eps: float = 1e-6,
+    norm: GRPOSNorm | str = "paper",
+) -> Float[Array, "P G"]:
+    """GRPO-S: entropy-shaped sequence rewards (Eq. 9), normalised over the G responses.
+
+    `norm="paper"` (default): O+ and O- are normalised separately, each over a length-G
+    vector holding the set's shaped rewards and 0 for the other set (population std), and
+    each advantage is written to its own set's responses. `"joint"`: one mean/std over all
+    G shaped rewards. With `beta2 = 0` and binary rewards both equal GRPO advantages. Groups
+    with no success or no failure get 0. Returns one advantage per response, `[P, G]`.
+    """
+    correct = success_sets(rewards, success_threshold=success_threshold)
+    return grpo_s_advantages_from_sets(rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps, norm=norm)

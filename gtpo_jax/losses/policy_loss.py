@@ -1,0 +1,216 @@
+"""The clipped policy-gradient objective over `[P, G, T]` token groups.
+
+Pieces, each a small pure function:
+
+- `clipped_surrogate`: PPO/DAPO `min(w*A, clip(w, 1-eps_low, 1+eps_high)*A)` with optional
+  dual clip (Ye et al., 2020: for `A < 0` the objective is bounded below by `c*A`).
+- `token_ratios` / `sequence_ratios`: the token importance weight `exp(logp - old_logp)`
+  (DAPO, GTPO, Eq. 7) or GRPO-S's per-response arithmetic mean of its token ratios.
+- `kl_penalty`: estimators `k1` (`logp - ref`) and `k3` (`exp(ref-logp) - (ref-logp) - 1`,
+  via `expm1` so it keeps precision when the policies are close).
+- `aggregate`: turns per-token losses into a *(sum, denominator)* pair. Summing both over
+  micro-batches and devices and dividing once gives exactly the full-batch loss, which is
+  why no mode divides inside. Modes are named after their denominator.
+
+`policy_loss` wires them together and returns diagnostics as accumulable stats.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from gtpo_jax.losses.stats import Diagnostics, MaxStat, MeanStat, MinStat, float_dtype, parse_enum
+
+
+class LossAgg(enum.StrEnum):
+    """How per-token losses become one number (its denominator is in the name)."""
+
+    TOKEN_MEAN = "token_mean"  # / number of valid tokens (DAPO, GTPO)
+    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"  # mean over tokens, then / number of responses (GRPO)
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"  # token sum / fixed length, then / responses (Dr.GRPO)
+
+
+class KLEstimator(enum.StrEnum):
+    """Estimator of KL(pi || pi_ref) from samples of pi."""
+
+    K1 = "k1"
+    K3 = "k3"
+
+
+class RatioLevel(enum.StrEnum):
+    """Where the importance weight lives."""
+
+    TOKEN = "token"  # one ratio per token (GRPO, DAPO, GTPO)
+    SEQUENCE = "sequence"  # one ratio per response, the mean of its token ratios (GRPO-S)
+
+
+class LossOutput(NamedTuple):
+    """`loss = loss_sum / denominator`, after summing both over micro-batches and devices."""
+
+    loss_sum: Array
+    denominator: Array
+    diagnostics: Diagnostics
+
+
+def _valid(mask: ArrayLike, dtype: jnp.dtype) -> Array:
+    return jax.lax.stop_gradient(jnp.asarray(mask).astype(dtype))
+
+
+def token_log_ratios(logp: Array, old_logp: ArrayLike, mask: Array) -> Array:
+    """`logp - old_logp` on valid tokens, exactly 0 on padding (whatever padding holds).
+
+    Inputs are replaced *before* the subtraction, so neither the value nor the gradient of
+    a padded position can become NaN (`where` passes a zero cotangent to the unused branch).
+    """
+    keep = mask > 0
+    return jnp.where(keep, logp, 0) - jax.lax.stop_gradient(jnp.where(keep, old_logp, 0))
+
+
+def token_ratios(logp: Array, old_logp: ArrayLike, mask: Array) -> Float[Array, "P G T"]:
+    """Token importance weights `w_{i,t} = exp(logp - old_logp)` (1 on padding)."""
+    return jnp.exp(token_log_ratios(logp, old_logp, mask))
+
+
+def sequence_ratios(logp: Array, old_logp: ArrayLike, mask: Array) -> Float[Array, "P G"]:
+    """GRPO-S weights: `ŵ_i = mean_{t valid} exp(logp - old_logp)` (1 for an empty response)."""
+    ratio = token_ratios(logp, old_logp, mask)
+    count = jnp.sum(mask, axis=-1)
+    return jnp.where(count > 0, jnp.sum(mask * ratio, axis=-1) / jnp.maximum(count, 1), 1.0)
+
+
+def clipped_surrogate(
+    ratio: Array, advantages: Array, *, eps_low: float, eps_high: float, dual_clip: float | None = None
+) -> tuple[Array, Array, Array]:
+    """Returns the objective to maximise and where the low / high clip is active (bool).
+
+    The low clip binds when `A < 0` and `w < 1 - eps_low`, the high clip when `A > 0` and
+    `w > 1 + eps_high`: those are the entries whose gradient the clip removes.
+    """
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    objective = jnp.minimum(unclipped, clipped)
+    if dual_clip is not None:
+        objective = jnp.where(advantages < 0, jnp.maximum(objective, dual_clip * advantages), objective)
+    low = (advantages < 0) & (ratio < 1.0 - eps_low)
+    high = (advantages > 0) & (ratio > 1.0 + eps_high)
+    return objective, low, high
+
+
+def kl_penalty(logp: Array, ref_logp: ArrayLike, mask: Array, estimator: KLEstimator | str) -> Array:
+    """Per-token KL estimate to the reference policy (0 on padding); the reference is constant."""
+    estimator = parse_enum(KLEstimator, estimator, "kl_estimator")
+    keep = mask > 0
+    ref = jax.lax.stop_gradient(jnp.where(keep, ref_logp, 0))
+    log_ratio = jnp.where(keep, logp, 0) - ref  # log pi/pi_ref
+    if estimator is KLEstimator.K1:
+        return log_ratio
+    return jnp.expm1(-log_ratio) + log_ratio
+
+
+def aggregate(
+    per_token: Float[Array, "P G T"], mask: Array, mode: LossAgg | str, *, norm_len: int | None = None
+) -> tuple[Array, Array]:
+    """`(sum, denominator)` of a per-token quantity; padding contributes to neither.
+
+    `norm_len` is the fixed divisor of `seq_mean_token_sum_norm` (default: the padded
+    length T, which is the same for every micro-batch of a step).
+    """
+    mode = parse_enum(LossAgg, mode, "loss_agg")
+    masked = jnp.where(mask > 0, per_token, 0) * mask
+    if mode is LossAgg.TOKEN_MEAN:
+        return jnp.sum(masked), jnp.sum(mask)
+    count = jnp.sum(mask, axis=-1)
+    present = (count > 0).astype(per_token.dtype)
+    if mode is LossAgg.SEQ_MEAN_TOKEN_MEAN:
+        per_seq = jnp.sum(masked, axis=-1) / jnp.maximum(count, 1)
+    else:
+        per_seq = jnp.sum(masked, axis=-1) / (per_token.shape[-1] if norm_len is None else norm_len)
+    return jnp.sum(present * per_seq), jnp.sum(present)
+
+
+def policy_loss(
+    logp: Float[Array, "P G T"],
+    old_logp: Float[ArrayLike, "P G T"],
+    advantages: Float[ArrayLike, "P G T"] | Float[ArrayLike, "P G"],
+    mask: ArrayLike,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+    ratio_level: RatioLevel | str = RatioLevel.TOKEN,
+    loss_agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+    norm_len: int | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator | str = KLEstimator.K3,
+    ref_logp: Float[ArrayLike, "P G T"] | None = None,
+    entropy: Float[ArrayLike, "P G T"] | None = None,
+    correct: Bool[ArrayLike, "P G"] | None = None,
+) -> LossOutput:
+    """Clipped policy-gradient loss `-J` (+ `kl_coef * KL`) as a (sum, denominator) pair.
+
+    Token level (Eq. 7): `advantages` is `[P, G, T]` and each token has its own ratio.
+    Sequence level (GRPO-S): `advantages` is `[P, G]`, the ratio is `sequence_ratios`, and
+    each response's objective is spread over its tokens before `aggregate`, so that
+    `seq_mean_token_mean` gives the paper's `(1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i)`.
+    `old_logp`, `advantages`, `ref_logp`, `entropy` and `mask` are constants.
+    `entropy` and `correct` only feed the diagnostics (entropy of O+ / O- tokens).
+    """
+    ratio_level = parse_enum(RatioLevel, ratio_level, "ratio_level")
+    dtype = float_dtype(logp)
+    m = _valid(mask, dtype)
+    adv = jax.lax.stop_gradient(jnp.asarray(advantages).astype(dtype))
+    log_ratio = token_log_ratios(logp, old_logp, m)
+    ratio = jnp.exp(log_ratio)
+    present = (jnp.sum(m, axis=-1) > 0).astype(dtype)
+
+    if ratio_level is RatioLevel.TOKEN:
+        if adv.ndim != m.ndim:
+            raise ValueError(f"token-level loss needs advantages shaped like mask {m.shape}, got {adv.shape}")
+        adv = jnp.where(m > 0, adv, 0)
+        objective, low, high = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+        clip_weight, token_adv = m, adv
+    else:
+        if adv.shape != m.shape[:-1]:
+            raise ValueError(f"sequence-level loss needs advantages shaped {m.shape[:-1]}, got {adv.shape}")
+        adv = jnp.where(present > 0, adv, 0)
+        seq_ratio = sequence_ratios(logp, old_logp, m)
+        seq_obj, low, high = clipped_surrogate(seq_ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+        objective = jnp.broadcast_to(seq_obj[..., None], m.shape)
+        clip_weight, token_adv = present, jnp.broadcast_to(adv[..., None], m.shape)
+
+    per_token = -objective
+    diagnostics: Diagnostics = {
+        "clip_frac_low": MeanStat.of(low.astype(dtype), clip_weight),
+        "clip_frac_high": MeanStat.of(high.astype(dtype), clip_weight),
+        "ratio_mean": MeanStat.of(ratio, m),
+        # k3 estimate of KL(pi_old || pi) from the old policy's samples.
+        "approx_kl": MeanStat.of(jnp.expm1(log_ratio) - log_ratio, m),
+        "adv_mean": MeanStat.of(token_adv, m),
+        "adv_max": MaxStat.of(token_adv, m),
+        "adv_min": MinStat.of(token_adv, m),
+    }
+    if ratio_level is RatioLevel.SEQUENCE:
+        diagnostics["seq_ratio_mean"] = MeanStat.of(seq_ratio, present)
+
+    if kl_coef > 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs); got None")
+        kl = kl_penalty(logp, ref_logp, m, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        diagnostics["kl"] = MeanStat.of(kl, m)
+
+    if entropy is not None:
+        h = jax.lax.stop_gradient(jnp.asarray(entropy).astype(dtype))
+        diagnostics["entropy_mean"] = MeanStat.of(h, m)
+        if correct is not None:
+            pos = jnp.asarray(correct, dtype=bool)[..., None].astype(dtype)
+            diagnostics["entropy_pos"] = MeanStat.of(h, m * pos)
+            diagnostics["entropy_neg"] = MeanStat.of(h, m * (1 - pos))
+
+    loss_sum, denominator = aggregate(per_token, m, loss_agg, norm_len=norm_len)
+    return LossOutput(loss_sum, denominator, diagnostics)

@@ -1,0 +1,359 @@
+"""Algorithms as recipes: an advantage function, a ratio level, and default hyperparameters.
+
+GRPO, DAPO, GTPO and GRPO-S are assembled from the same parts (`advantages.py`,
+`policy_loss.py`). Adding an algorithm is one advantage function and one `register(Recipe(...))`.
+
+`LossConfig` is the frozen, validated set of hyperparameters. A field left at `None` takes
+the recipe's default for the chosen algorithm, so `LossConfig(algorithm="grpo")` is the
+published GRPO recipe and `LossConfig(algorithm="gtpo", eps_high=0.3)` changes one value.
+
+One step uses the module in two calls (both pure and jit-able, `cfg` static):
+
+    batch, batch_diag = prepare_batch(cfg, rewards=..., mask=..., old_logp=..., entropy=...)
+    out = compute_loss(cfg, logp, batch)       # per micro-batch of prompts: (sum, denominator)
+    loss = out.loss_sum / out.denominator      # after summing both over micro-batches
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from gtpo_jax.losses import advantages as adv_lib
+from gtpo_jax.losses.advantages import GRPOSNorm, GTPONorm, NormScope
+from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, LossOutput, RatioLevel, policy_loss
+from gtpo_jax.losses.stats import Diagnostics, MeanStat, float_dtype, parse_enum
+
+
+class Algorithm(enum.StrEnum):
+    """The built-in recipes (others may be registered under new names)."""
+
+    GRPO = "grpo"
+    DAPO = "dapo"
+    GTPO = "gtpo"
+    GRPO_S = "grpo_s"
+
+
+class ConfigError(ValueError):
+    """A hyperparameter is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss hyperparameters. `None` = the chosen algorithm's recipe default."""
+
+    # Recipe name: "grpo", "dapo", "gtpo", "grpo_s" (or any registered recipe).
+    algorithm: str = Algorithm.GTPO.value
+    # G, responses sampled per prompt; group-relative recipes need G >= 2.
+    group_size: int | None = None
+    # Clip range of the importance weight: [1 - eps_low, 1 + eps_high] (DAPO clip-higher: 0.2 / 0.28).
+    eps_low: float | None = None
+    eps_high: float | None = None
+    # Dual-clip constant c > 1 bounding the objective of negative advantages by c*A; 0 disables.
+    dual_clip: float | None = None
+    # Aggregation: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm".
+    loss_agg: LossAgg | str | None = None
+    # Fixed divisor of seq_mean_token_sum_norm (Dr.GRPO's MAX_TOKENS); 0 = the padded length T.
+    norm_len: int | None = None
+    # Coefficient of the KL penalty to the reference policy; 0 disables it and the reference pass.
+    kl_coef: float | None = None
+    # KL estimator: "k1" (log-ratio) or "k3" (exp(ref-logp) - (ref-logp) - 1).
+    kl_estimator: KLEstimator | str | None = None
+    # A response is a success (in O+) when its verifier reward is above this.
+    success_threshold: float | None = None
+    # Guards every division (entropies are taken as H + eps, stds as std + eps).
+    eps: float | None = None
+    # GRPO/DAPO: divide by the group's reward std (False = Dr.GRPO).
+    scale_rewards: bool | None = None
+    # GTPO Eq. 3/5: weight of the outcome reward and of the entropy-shaped bonus.
+    alpha1: float | None = None
+    alpha2: float | None = None
+    # GTPO normalisation: "paper", "own_set" or "joint"; statistics per "group" or over the "batch".
+    gtpo_norm: GTPONorm | str | None = None
+    norm_scope: NormScope | str | None = None
+    # GRPO-S Eq. 9: weight of the outcome reward and of the entropy-shaped bonus.
+    beta1: float | None = None
+    beta2: float | None = None
+    # GRPO-S normalisation: "paper" or "joint".
+    grpo_s_norm: GRPOSNorm | str | None = None
+    # DAPO dynamic sampling, loss side: groups whose responses are all right or all wrong are
+    # removed from the loss (numerator and denominator). The trainer refills the batch.
+    dynamic_sampling: bool | None = None
+    # DAPO overlong shaping: linear penalty over the last `overlong_buffer_len` tokens before
+    # `max_response_len`, reaching -overlong_penalty at the limit; buffer 0 disables it.
+    overlong_buffer_len: int | None = None
+    overlong_penalty: float | None = None
+    # Length limit of a response in tokens (the sampler's max new tokens); 0 = not given.
+    max_response_len: int | None = None
+    # DAPO overlong filtering: truncated responses are removed from the loss instead.
+    mask_truncated: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in RECIPES:
+            raise ConfigError(_unknown(f"loss.algorithm={self.algorithm!r}", self.algorithm, RECIPES))
+        recipe = RECIPES[self.algorithm]
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) is None:
+                object.__setattr__(self, field.name, recipe.defaults[field.name])
+        for name, enum_cls in _ENUM_FIELDS.items():
+            try:
+                object.__setattr__(self, name, parse_enum(enum_cls, getattr(self, name), f"loss.{name}"))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self._validate(recipe)
+
+    def _validate(self, recipe: Recipe) -> None:
+        def check(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"loss.{field}={getattr(self, field)!r}: {what}")
+
+        check(self.group_size >= 1, "group_size", "must be >= 1")
+        check(
+            not recipe.group_relative or self.group_size >= 2,
+            "group_size",
+            f"{self.algorithm} compares responses within a group and needs group_size >= 2",
+        )
+        check(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
+        check(self.eps_high >= 0, "eps_high", "must be >= 0")
+        check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be > 1, or 0 to disable")
+        check(self.norm_len >= 0, "norm_len", "must be >= 0 (0 = padded length)")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.eps > 0, "eps", "must be > 0")
+        for name in ("alpha1", "alpha2", "beta1", "beta2", "overlong_penalty"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        check(self.overlong_buffer_len >= 0, "overlong_buffer_len", "must be >= 0 (0 disables)")
+        check(self.max_response_len >= 0, "max_response_len", "must be >= 0 (0 = not given)")
+        if self.overlong_buffer_len > 0:
+            check(
+                0 < self.overlong_buffer_len <= self.max_response_len,
+                "overlong_buffer_len",
+                f"needs 0 < overlong_buffer_len <= max_response_len (= {self.max_response_len})",
+            )
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.algorithm]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LossConfig:
+        """Builds a config from a mapping (e.g. an ml_collections `ConfigDict.to_dict()`).
+
+        An unknown key is an error naming the closest field, so a typo never passes silently.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise ConfigError(_unknown(f"field loss.{key}", key, names))
+        return cls(**values)
+
+
+_ENUM_FIELDS: dict[str, type[enum.StrEnum]] = {
+    "loss_agg": LossAgg,
+    "kl_estimator": KLEstimator,
+    "gtpo_norm": GTPONorm,
+    "norm_scope": NormScope,
+    "grpo_s_norm": GRPOSNorm,
+}
+
+
+def _unknown(subject: str, value: Any, known: Any) -> str:
+    """`unknown <subject>; did you mean 'z'?` with the known names listed."""
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {subject}{hint} (known: {', '.join(sorted(known))})"
+
+
+AdvantageFn = Callable[[LossConfig, Array, Array, Array, Array], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An algorithm: how advantages are made, where the ratio lives, and its defaults."""
+
+    name: str
+    # (cfg, rewards [P,G], correct [P,G] bool, entropy [P,G,T], mask [P,G,T]) -> advantages.
+    advantages: AdvantageFn
+    ratio_level: RatioLevel
+    # Whether advantages compare responses within a group (then G >= 2 is required).
+    group_relative: bool
+    defaults: Mapping[str, Any]
+    summary: str
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Adds a recipe; its defaults must name every `LossConfig` field except `algorithm`."""
+    fields = {f.name for f in dataclasses.fields(LossConfig)} - {"algorithm"}
+    if set(recipe.defaults) != fields:
+        raise ValueError(
+            f"recipe {recipe.name!r} defaults must set exactly the LossConfig fields; "
+            f"missing {sorted(fields - set(recipe.defaults))}, unknown {sorted(set(recipe.defaults) - fields)}"
+        )
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+_COMMON = dict(
+    group_size=16,
+    dual_clip=0.0,
+    norm_len=0,
+    kl_estimator="k3",
+    success_threshold=0.5,
+    eps=1e-6,
+    scale_rewards=True,
+    alpha1=1.0,
+    alpha2=0.1,
+    gtpo_norm="paper",
+    norm_scope="group",
+    beta1=1.0,
+    beta2=0.1,
+    grpo_s_norm="paper",
+    overlong_buffer_len=0,
+    overlong_penalty=1.0,
+    max_response_len=0,
+    mask_truncated=False,
+)
+# DAPO's changes to GRPO: clip-higher, token-mean, no KL, dynamic sampling.
+_DAPO = dict(_COMMON, eps_low=0.2, eps_high=0.28, loss_agg="token_mean", kl_coef=0.0, dynamic_sampling=True)
+
+
+def _grpo(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
+    return adv_lib.grpo_advantages(rewards, mask, scale_rewards=cfg.scale_rewards, eps=cfg.eps)
+
+
+def _gtpo(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
+    return adv_lib.gtpo_advantages_from_sets(
+        rewards, correct, entropy, mask,
+        alpha1=cfg.alpha1, alpha2=cfg.alpha2, eps=cfg.eps, norm=cfg.gtpo_norm, scope=cfg.norm_scope,
+    )  # fmt: skip
+
+
+def _grpo_s(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
+    return adv_lib.grpo_s_advantages_from_sets(
+        rewards, correct, entropy, mask, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, norm=cfg.grpo_s_norm
+    )
+
+
+register(Recipe(
+    "grpo", _grpo, RatioLevel.TOKEN, True,
+    dict(_COMMON, eps_low=0.2, eps_high=0.2, loss_agg="seq_mean_token_mean", kl_coef=0.04, dynamic_sampling=False),
+    "GRPO (DeepSeekMath): group-normalised outcome reward, symmetric clip, sequence mean, k3 KL 0.04.",
+))  # fmt: skip
+register(Recipe(
+    "dapo", _grpo, RatioLevel.TOKEN, True, _DAPO,
+    "DAPO: GRPO advantages, clip-higher 0.2/0.28, token mean, no KL, dynamic sampling.",
+))  # fmt: skip
+register(Recipe(
+    "gtpo", _gtpo, RatioLevel.TOKEN, True, _DAPO,
+    "GTPO: entropy-shaped token rewards (Eq. 3, 5), per-set normalisation (Eq. 6), DAPO objective (Eq. 7).",
+))  # fmt: skip
+register(Recipe(
+    "grpo_s", _grpo_s, RatioLevel.SEQUENCE, True, dict(_DAPO, loss_agg="seq_mean_token_mean"),
+    "GRPO-S: entropy-shaped sequence rewards (Eq. 9), mean-of-token-ratios weight, mean over responses.",
+))  # fmt: skip
+
+
+class LossBatch(NamedTuple):
+    """What the loss needs from one rollout; every leaf leads with P, so micro-batches slice it."""
+
+    mask: Float[Array, "P G T"]  # loss mask: padding, dropped groups and filtered responses are 0
+    old_logp: Float[Array, "P G T"]
+    advantages: Array  # [P, G, T] (token recipes) or [P, G] (sequence recipes)
+    entropy: Float[Array, "P G T"]
+    correct: Bool[Array, "P G"]
+    ref_logp: Float[Array, "P G T"] | None = None
+
+
+def prepare_batch(
+    cfg: LossConfig,
+    *,
+    rewards: Float[ArrayLike, "P G"],
+    mask: ArrayLike,
+    old_logp: Float[ArrayLike, "P G T"],
+    entropy: Float[ArrayLike, "P G T"],
+    lengths: Int[ArrayLike, "P G"] | None = None,
+    truncated: Bool[ArrayLike, "P G"] | None = None,
+    ref_logp: Float[ArrayLike, "P G T"] | None = None,
+) -> tuple[LossBatch, Diagnostics]:
+    """Once per rollout batch: reward shaping, advantages, loss mask, batch diagnostics.
+
+    Success (O+ / O-) and informativeness are decided on the verifier's `rewards`; the
+    overlong penalty only changes the reward that enters the advantage formulas.
+    """
+    rewards = jnp.asarray(rewards)
+    if rewards.ndim != 2 or rewards.shape[1] != cfg.group_size:
+        raise ValueError(f"rewards must be [P, G] with G = loss.group_size = {cfg.group_size}; got {rewards.shape}")
+    dtype = float_dtype(rewards, entropy)
+    m = jnp.asarray(mask).astype(dtype)
+    correct = adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold)
+    informative = adv_lib.informative_from_sets(correct)
+    shaped = rewards.astype(dtype)
+    if cfg.overlong_buffer_len > 0 or cfg.mask_truncated:
+        if lengths is None:
+            raise ValueError("overlong shaping / mask_truncated need the response lengths [P, G]")
+        lengths = jnp.asarray(lengths)
+    if cfg.overlong_buffer_len > 0:
+        shaped = shaped + adv_lib.overlong_penalty(
+            lengths, max_len=cfg.max_response_len, buffer_len=cfg.overlong_buffer_len, penalty=cfg.overlong_penalty
+        )
+    if cfg.mask_truncated:
+        if truncated is None:
+            if cfg.max_response_len <= 0:
+                raise ValueError("mask_truncated needs `truncated` or loss.max_response_len > 0")
+            truncated = lengths >= cfg.max_response_len
+        m = m * (~jnp.asarray(truncated, dtype=bool))[..., None].astype(dtype)
+    if cfg.dynamic_sampling:
+        m = m * informative[:, None, None].astype(dtype)
+
+    advantages = cfg.recipe.advantages(cfg, shaped, correct, jnp.asarray(entropy), m)
+    groups = jnp.ones_like(informative, dtype=dtype)
+    diagnostics: Diagnostics = {
+        "informative_frac": MeanStat.of(informative.astype(dtype), groups),
+        "reward_mean": MeanStat.of(rewards.astype(dtype), jnp.ones_like(shaped)),
+        "shaped_reward_mean": MeanStat.of(shaped, jnp.ones_like(shaped)),
+        "pass_rate": MeanStat.of(correct.astype(dtype), jnp.ones_like(shaped)),
+    }
+    batch = LossBatch(
+        mask=m,
+        old_logp=jnp.asarray(old_logp),
+        advantages=advantages,
+        entropy=jnp.asarray(entropy),
+        correct=correct,
+        ref_logp=None if cfg.kl_coef == 0 or ref_logp is None else jnp.asarray(ref_logp),
+    )
+    return batch, diagnostics
+
+
+def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> LossOutput:
+    """The recipe's clipped objective on one micro-batch, as a (sum, denominator) pair."""
+    return policy_loss(
+        logp,
+        batch.old_logp,
+        batch.advantages,
+        batch.mask,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
+        dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
+        ratio_level=cfg.recipe.ratio_level,
+        loss_agg=cfg.loss_agg,
+        norm_len=cfg.norm_len if cfg.norm_len > 0 else None,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        ref_logp=batch.ref_logp,
+        entropy=batch.entropy,
+        correct=batch.correct,
+    )
+
+
+def mean_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> Array:
+    """`loss_sum / denominator` of a whole batch (0 when nothing is valid)."""
+    out = compute_loss(cfg, logp, batch)
+    return out.loss_sum / jnp.maximum(out.denominator, 1)
