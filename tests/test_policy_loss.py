@@ -18,7 +18,7 @@ from gtpo_jax.losses import (
     policy_loss,
     prepare_batch,
 )
-from gtpo_jax.losses.policy_loss import aggregate, clipped_surrogate, kl_penalty, sequence_ratios
+from gtpo_jax.losses.policy_loss import aggregate, aggregate_sequences, clipped_surrogate, kl_penalty, sequence_ratios
 
 
 def test_clipped_surrogate_golden():
@@ -47,6 +47,14 @@ def test_aggregation_golden():
     # seq_mean_token_sum_norm, divisor T = 4: (6/4 + 4/4) / 2; with norm_len = 10: (0.6 + 0.4) / 2
     np.testing.assert_allclose(aggregate(per_token, mask, "seq_mean_token_sum_norm"), (2.5, 2.0))
     np.testing.assert_allclose(aggregate(per_token, mask, "seq_mean_token_sum_norm", norm_len=10), (1.0, 2.0))
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_sequence_aggregation_equals_spreading_over_tokens(mode):
+    mask = jnp.asarray(make_rollout(seed=16).mask)
+    per_seq = jnp.asarray(np.random.default_rng(0).standard_normal(mask.shape[:-1]), jnp.float32)
+    spread = jnp.broadcast_to(per_seq[..., None], mask.shape)
+    np.testing.assert_allclose(aggregate_sequences(per_seq, mask, mode), aggregate(spread, mask, mode), rtol=1e-6)
 
 
 def test_kl_estimators_golden():

@@ -18,12 +18,20 @@ the DAPO overlong penalty) but the success decision must stay on the verifier's 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from gtpo_jax.losses.stats import float_dtype, masked_mean_std, parse_enum, safe_divide
+from gtpo_jax.losses.stats import (
+    float_dtype,
+    masked_mean_std,
+    parse_enum,
+    reciprocal_or_zero,
+    safe_divide,
+    sums_over,
+)
 
 
 class GTPONorm(enum.StrEnum):
@@ -106,15 +114,47 @@ def grpo_advantages(
     return adv[..., None] * m
 
 
-def _token_sets(correct: Array, mask: Array, entropy: Array, dtype: jnp.dtype) -> tuple[Array, Array, Array]:
-    """0/1 weights of O+ and O- tokens and the sanitised entropy (1.0 on padding, >= 0 elsewhere)."""
+class _PositionSums(NamedTuple):
+    """Sums over the group at each position, `[P, 1, T]`: everything GTPO needs beyond one token."""
+
+    d: Array  # alive O+ responses, d_t
+    h: Array  # alive O- responses, h_t
+    sum_h_pos: Array  # sum over alive O+ of H
+    sum_inv_h_neg: Array  # sum over alive O- of 1/H
+    sum_r_pos: Array  # sum over alive O+ of the outcome reward r_i
+
+
+class _GTPOTokens(NamedTuple):
+    w_pos: Array  # [P, G, T] 0/1: valid O+ tokens
+    w_neg: Array  # [P, G, T] 0/1: valid O- tokens
+    shaped: Array  # [P, G, T] r+ on O+ tokens, r- on O- tokens, 0 on padding
+    sums: _PositionSums
+
+
+def _gtpo_tokens(
+    rewards: ArrayLike,
+    correct: ArrayLike,
+    entropy: ArrayLike,
+    mask: ArrayLike,
+    alpha1: float,
+    alpha2: float,
+    eps: float,
+) -> _GTPOTokens:
+    dtype = float_dtype(rewards, entropy)
+    r = _constant(rewards, dtype)[..., None]
     m = _constant(mask, dtype)
-    correct = jnp.asarray(correct, dtype=bool)
-    w_pos = m * correct[..., None].astype(dtype)
-    w_neg = m * (~correct)[..., None].astype(dtype)
-    # Entropy is non-negative; clamping only removes round-off below zero.
-    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 1.0)
-    return w_pos, w_neg, h
+    c = jnp.asarray(correct, dtype=bool)[..., None]
+    w_pos = m * c.astype(dtype)
+    w_neg = m - w_pos
+    # Padding holds anything: replace it before arithmetic. Entropy is non-negative; the clamp
+    # only removes round-off below zero.
+    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 1.0) + eps
+    sums = _PositionSums(*sums_over(1, w_pos, w_neg, w_pos * h, w_neg / h, w_pos * r))
+    # Per-token work is one division; the per-position sums are inverted once.
+    r_pos = alpha1 * r + alpha2 * (sums.d * reciprocal_or_zero(sums.sum_h_pos)) * h
+    r_neg = -alpha1 - alpha2 * (sums.h * reciprocal_or_zero(sums.sum_inv_h_neg)) / h
+    shaped = jnp.where(c, r_pos, r_neg) * m
+    return _GTPOTokens(w_pos, w_neg, shaped, sums)
 
 
 def gtpo_token_rewards_from_sets(
@@ -134,18 +174,7 @@ def gtpo_token_rewards_from_sets(
 
     `d_t` / `h_t` count the alive O+ / O- responses at position t; `H` is `entropy + eps`.
     """
-    dtype = float_dtype(rewards, entropy)
-    r = _constant(rewards, dtype)
-    w_pos, w_neg, h = _token_sets(jnp.asarray(correct), mask, entropy, dtype)
-    h = h + eps
-    inv_h = 1.0 / h
-    d_t = jnp.sum(w_pos, axis=1, keepdims=True)  # [P, 1, T]
-    h_t = jnp.sum(w_neg, axis=1, keepdims=True)
-    share_pos = safe_divide(h, jnp.sum(w_pos * h, axis=1, keepdims=True))  # H_i / sum_{O+} H
-    share_neg = safe_divide(inv_h, jnp.sum(w_neg * inv_h, axis=1, keepdims=True))
-    r_pos = w_pos * (alpha1 * r[..., None] + alpha2 * d_t * share_pos)
-    r_neg = w_neg * (-alpha1 - alpha2 * h_t * share_neg)
-    return r_pos + r_neg
+    return _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps).shaped
 
 
 def gtpo_token_rewards(
@@ -175,32 +204,53 @@ def gtpo_advantages_from_sets(
     norm: GTPONorm | str = GTPONorm.PAPER,
     scope: NormScope | str = NormScope.GROUP,
 ) -> Float[Array, "P G T"]:
-    """GTPO token advantages (Eq. 6) given the success sets; see `gtpo_advantages`."""
+    """GTPO token advantages (Eq. 6) given the success sets; see `gtpo_advantages`.
+
+    The set means need no pass over the shaped rewards: at every position the entropy shares
+    of the alive responses of a set sum to 1, so over a group
+
+        sum_{O+ tokens} r+ = alpha1 * sum_{O+ tokens} r_i + alpha2 * N+
+        sum_{O- tokens} r- = -(alpha1 + alpha2) * N-
+
+    (`N+`, `N-` the token counts of the sets). One centred sum of squares then gives each
+    variance: for `paper` the other set's tokens hold 0 and add `N- * mean+^2` (resp.
+    `N+ * mean-^2`). Only tokens of informative groups enter the statistics.
+    """
     norm = parse_enum(GTPONorm, norm, "norm")
     scope = parse_enum(NormScope, scope, "scope")
-    dtype = float_dtype(rewards, entropy)
-    correct = jnp.asarray(correct, dtype=bool)
-    shaped = gtpo_token_rewards_from_sets(rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps)
-    w_pos, w_neg, _ = _token_sets(correct, mask, entropy, dtype)
-    informative = informative_from_sets(correct).astype(dtype)[:, None, None]
-    # Statistics only ever see tokens of informative groups: the others carry no signal.
-    w_pos, w_neg = w_pos * informative, w_neg * informative
-    valid = w_pos + w_neg
-    r_pos, r_neg = shaped * w_pos, shaped * w_neg
+    tok = _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps)
+    dtype = tok.shaped.dtype
+    informative = informative_from_sets(jnp.asarray(correct, dtype=bool)).astype(dtype)[:, None, None]
     axes = (1, 2) if scope is NormScope.GROUP else (0, 1, 2)
 
+    # [P, 1, T] per-position sums -> per-group (or batch) totals.
+    n_pos, n_neg, sum_r_pos = sums_over(axes, *(x * informative for x in (tok.sums.d, tok.sums.h, tok.sums.sum_r_pos)))
+    sum_pos = alpha1 * sum_r_pos + alpha2 * n_pos
+    sum_neg = -(alpha1 + alpha2) * n_neg
+    n_all = n_pos + n_neg
+
+    def mean(s: Array, n: Array) -> Array:
+        return s / jnp.maximum(n, 1)
+
     if norm is GTPONorm.PAPER:
-        mean_pos, std_pos = masked_mean_std(r_pos, valid, axes)
-        mean_neg, std_neg = masked_mean_std(r_neg, valid, axes)
+        mean_pos, mean_neg = mean(sum_pos, n_all), mean(sum_neg, n_all)
     elif norm is GTPONorm.OWN_SET:
-        mean_pos, std_pos = masked_mean_std(r_pos, w_pos, axes)
-        mean_neg, std_neg = masked_mean_std(r_neg, w_neg, axes)
+        mean_pos, mean_neg = mean(sum_pos, n_pos), mean(sum_neg, n_neg)
     else:
-        mean_pos, std_pos = masked_mean_std(r_pos + r_neg, valid, axes)
-        mean_neg, std_neg = mean_pos, std_pos
-    adv_pos = (r_pos - mean_pos) / (std_pos + eps)
-    adv_neg = (r_neg - mean_neg) / (std_neg + eps)
-    return w_pos * adv_pos + w_neg * adv_neg
+        mean_pos = mean_neg = mean(sum_pos + sum_neg, n_all)
+
+    w_pos, w_neg = tok.w_pos * informative, tok.w_neg * informative
+    dev = tok.shaped - jnp.where(w_pos > 0, mean_pos, mean_neg)
+    sq_pos, sq_neg = sums_over(axes, w_pos * jnp.square(dev), w_neg * jnp.square(dev))
+    if norm is GTPONorm.PAPER:
+        var_pos = mean(sq_pos + n_neg * jnp.square(mean_pos), n_all)
+        var_neg = mean(sq_neg + n_pos * jnp.square(mean_neg), n_all)
+    elif norm is GTPONorm.OWN_SET:
+        var_pos, var_neg = mean(sq_pos, n_pos), mean(sq_neg, n_neg)
+    else:
+        var_pos = var_neg = mean(sq_pos + sq_neg, n_all)
+    scale = jnp.where(w_pos > 0, 1.0 / (jnp.sqrt(var_pos) + eps), 1.0 / (jnp.sqrt(var_neg) + eps))
+    return dev * scale * (w_pos + w_neg)
 
 
 def gtpo_advantages(
@@ -255,7 +305,8 @@ def grpo_s_sequence_rewards_from_sets(
     correct = jnp.asarray(correct, dtype=bool)
     m = _constant(mask, dtype)
     h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 0.0)
-    mean_h = jnp.sum(h, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1) + eps  # [P, G]
+    sum_h, count = sums_over(-1, h, m)
+    mean_h = sum_h[..., 0] / jnp.maximum(count[..., 0], 1) + eps  # [P, G]
     inv_h = 1.0 / mean_h
     pos = correct.astype(dtype)
     neg = 1.0 - pos

@@ -112,6 +112,19 @@ def kl_penalty(logp: Array, ref_logp: ArrayLike, mask: Array, estimator: KLEstim
     return jnp.expm1(-log_ratio) + log_ratio
 
 
+def _sequence_weights(mask: Array, mode: LossAgg | str, norm_len: int | None) -> tuple[Array, Array, Array]:
+    """Each mode is `sum_seq coef_seq * (token sum of seq) / denominator`: returns
+    (coef [P, G], denominator, token count [P, G])."""
+    mode = parse_enum(LossAgg, mode, "loss_agg")
+    count = jnp.sum(mask, axis=-1)
+    present = (count > 0).astype(mask.dtype)
+    if mode is LossAgg.TOKEN_MEAN:
+        return present, jnp.sum(count), count
+    if mode is LossAgg.SEQ_MEAN_TOKEN_MEAN:
+        return present / jnp.maximum(count, 1), jnp.sum(present), count
+    return present / (mask.shape[-1] if norm_len is None else norm_len), jnp.sum(present), count
+
+
 def aggregate(
     per_token: Float[Array, "P G T"], mask: Array, mode: LossAgg | str, *, norm_len: int | None = None
 ) -> tuple[Array, Array]:
@@ -120,17 +133,18 @@ def aggregate(
     `norm_len` is the fixed divisor of `seq_mean_token_sum_norm` (default: the padded
     length T, which is the same for every micro-batch of a step).
     """
-    mode = parse_enum(LossAgg, mode, "loss_agg")
-    masked = jnp.where(mask > 0, per_token, 0) * mask
-    if mode is LossAgg.TOKEN_MEAN:
-        return jnp.sum(masked), jnp.sum(mask)
-    count = jnp.sum(mask, axis=-1)
-    present = (count > 0).astype(per_token.dtype)
-    if mode is LossAgg.SEQ_MEAN_TOKEN_MEAN:
-        per_seq = jnp.sum(masked, axis=-1) / jnp.maximum(count, 1)
-    else:
-        per_seq = jnp.sum(masked, axis=-1) / (per_token.shape[-1] if norm_len is None else norm_len)
-    return jnp.sum(present * per_seq), jnp.sum(present)
+    coef, denominator, _ = _sequence_weights(mask, mode, norm_len)
+    token_sums = jnp.sum(jnp.where(mask > 0, per_token, 0) * mask, axis=-1)
+    return jnp.sum(coef * token_sums), denominator
+
+
+def aggregate_sequences(
+    per_seq: Float[Array, "P G"], mask: Array, mode: LossAgg | str, *, norm_len: int | None = None
+) -> tuple[Array, Array]:
+    """`aggregate` of a quantity that is constant over each response's tokens, without
+    spreading it over `[P, G, T]`: the token sum of response i is `count_i * per_seq_i`."""
+    coef, denominator, count = _sequence_weights(mask, mode, norm_len)
+    return jnp.sum(jnp.where(count > 0, coef * count * per_seq, 0)), denominator
 
 
 def policy_loss(
@@ -173,35 +187,40 @@ def policy_loss(
             raise ValueError(f"token-level loss needs advantages shaped like mask {m.shape}, got {adv.shape}")
         adv = jnp.where(m > 0, adv, 0)
         objective, low, high = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-        clip_weight, token_adv = m, adv
+        clip_weight, adv_weight = m, m
     else:
         if adv.shape != m.shape[:-1]:
             raise ValueError(f"sequence-level loss needs advantages shaped {m.shape[:-1]}, got {adv.shape}")
         adv = jnp.where(present > 0, adv, 0)
         seq_ratio = sequence_ratios(logp, old_logp, m)
         seq_obj, low, high = clipped_surrogate(seq_ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-        objective = jnp.broadcast_to(seq_obj[..., None], m.shape)
-        clip_weight, token_adv = present, jnp.broadcast_to(adv[..., None], m.shape)
+        # Token-weighted advantage stats: each response's advantage counts once per token.
+        clip_weight, adv_weight = present, jnp.sum(m, axis=-1)
 
-    per_token = -objective
     diagnostics: Diagnostics = {
         "clip_frac_low": MeanStat.of(low.astype(dtype), clip_weight),
         "clip_frac_high": MeanStat.of(high.astype(dtype), clip_weight),
         "ratio_mean": MeanStat.of(ratio, m),
         # k3 estimate of KL(pi_old || pi) from the old policy's samples.
         "approx_kl": MeanStat.of(jnp.expm1(log_ratio) - log_ratio, m),
-        "adv_mean": MeanStat.of(token_adv, m),
-        "adv_max": MaxStat.of(token_adv, m),
-        "adv_min": MinStat.of(token_adv, m),
+        "adv_mean": MeanStat.of(adv, adv_weight),
+        "adv_max": MaxStat.of(adv, adv_weight),
+        "adv_min": MinStat.of(adv, adv_weight),
     }
-    if ratio_level is RatioLevel.SEQUENCE:
+    if ratio_level is RatioLevel.TOKEN:
+        loss_sum, denominator = aggregate(-objective, m, loss_agg, norm_len=norm_len)
+    else:
+        # The response's objective spread over its tokens, so that seq_mean_token_mean is the
+        # paper's (1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i).
+        loss_sum, denominator = aggregate_sequences(-seq_obj, m, loss_agg, norm_len=norm_len)
         diagnostics["seq_ratio_mean"] = MeanStat.of(seq_ratio, present)
 
     if kl_coef > 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs); got None")
         kl = kl_penalty(logp, ref_logp, m, kl_estimator)
-        per_token = per_token + kl_coef * kl
+        kl_sum, _ = aggregate(kl_coef * kl, m, loss_agg, norm_len=norm_len)  # same denominator
+        loss_sum = loss_sum + kl_sum
         diagnostics["kl"] = MeanStat.of(kl, m)
 
     if entropy is not None:
@@ -212,5 +231,4 @@ def policy_loss(
             diagnostics["entropy_pos"] = MeanStat.of(h, m * pos)
             diagnostics["entropy_neg"] = MeanStat.of(h, m * (1 - pos))
 
-    loss_sum, denominator = aggregate(per_token, m, loss_agg, norm_len=norm_len)
     return LossOutput(loss_sum, denominator, diagnostics)

@@ -53,6 +53,20 @@ def safe_divide(num: Array, den: Array) -> Array:
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), 0)
 
 
+def sums_over(axis: int | tuple[int, ...], *xs: Array) -> tuple[Array, ...]:
+    """Several sums over `axis` (keepdims) in one pass: a variadic reduce, which XLA keeps as a
+    single loop instead of re-reading (and recomputing) the inputs once per sum."""
+    axes = tuple(a % xs[0].ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    sums = jax.lax.reduce(xs, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True)), axes)
+    return tuple(jnp.expand_dims(x, axes) for x in sums)
+
+
+def reciprocal_or_zero(x: Array) -> Array:
+    """`1/x`, and 0 where x == 0 (an empty sum; the tokens it would scale are padding)."""
+    return safe_divide(jnp.ones_like(x), x)
+
+
 class MeanStat(NamedTuple):
     """A mean kept as (total, count) so that it adds up exactly over micro-batches."""
 
