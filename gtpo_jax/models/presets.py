@@ -1,0 +1,70 @@
+"""Named model configurations, from tiny test sizes up to Qwen2.5-32B.
+
+Sizes of the public checkpoints are copied from their `config.json`; `load_hf` reads the
+real file, so a preset is for building randomly initialised models of a known shape
+(tests, benchmarks, dry runs of sharding) and for documentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from gtpo_jax.models.transformer import ModelConfig, RopeScaling
+
+_QWEN2 = dict(architecture="qwen2", qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Test sizes: a few layers, small vocabulary, exercise GQA, bias and tying.
+    "tiny": ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+    ),
+    "tiny_qwen2": ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        tie_embeddings=True, **_QWEN2,
+    ),
+    "smollm2_135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+        rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
+    ),
+    "llama3_2_1b": ModelConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+    ),
+    "llama3_1_8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, rope_scaling=RopeScaling(),
+    ),
+    "qwen2_5_0_5b": ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+        tie_embeddings=True, max_position_embeddings=32768, **_QWEN2,
+    ),
+    "qwen2_5_1_5b": ModelConfig(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+        tie_embeddings=True, max_position_embeddings=32768, **_QWEN2,
+    ),
+    "qwen2_5_7b": ModelConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+        max_position_embeddings=32768, **_QWEN2,
+    ),
+    "qwen2_5_math_7b": ModelConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+        max_position_embeddings=4096, **(_QWEN2 | {"rope_theta": 10000.0}),
+    ),
+    "qwen2_5_32b": ModelConfig(
+        vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40, num_kv_heads=8,
+        max_position_embeddings=32768, **(_QWEN2 | {"rms_norm_eps": 1e-5}),
+    ),
+}  # fmt: skip
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named config, optionally with fields replaced (`param_dtype="bfloat16"`, `remat=True`)."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown model preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,63 @@
+"""Tiny randomly initialised Hugging Face models saved with `save_pretrained` (test-only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+LLAMA3_ROPE = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+SIZES = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def save_tiny(kind: str, directory: str, seed: int = 0):
+    """Saves a tiny `llama`, `llama3` (rope scaling) or `qwen2` (qkv bias, tied) model; returns it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "qwen2":
+        cfg = transformers.Qwen2Config(**SIZES, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # HF initialises biases at 0; make them matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    else:
+        extra = {"rope_scaling": LLAMA3_ROPE} if kind == "llama3" else {}
+        cfg = transformers.LlamaConfig(**SIZES, rope_theta=5e5, tie_word_embeddings=False, rms_norm_eps=1e-5, **extra)
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def padded_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-padded tokens, validity and position ids (counted over real tokens)."""
+    tokens = np.array(
+        [[0, 0, 0, 5, 6, 7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    )
+    valid = np.ones_like(tokens, bool)
+    valid[0, :3] = False
+    valid[2, 0] = False
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    return tokens, valid, positions
+
+
+def hf_logits(model, tokens, valid, positions) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(valid.astype(np.int64)),
+            position_ids=torch.tensor(positions),
+        )
+    return out.logits.float().numpy()
