@@ -1,0 +1,186 @@
+"""The KV-cache sampler: greedy = argmax teacher forcing, log-probs = scoring pass, padding,
+stop tokens, the sampling distribution (chi-square), determinism, sharding, compilations."""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from gtpo_jax.models.presets import get_preset
+from gtpo_jax.models.sharding import create_sharded, make_mesh
+from gtpo_jax.models.transformer import Transformer
+from gtpo_jax.rollout.sampler import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingConfig, pad_prompts, sample
+from gtpo_jax.scoring import score
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+
+
+def run(model, cfg, prompts=PROMPTS, key=0):
+    tokens, valid = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
+    return sample(model, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(key), cfg), tokens, valid
+
+
+@nnx.jit
+def _last_logits(model, seq, length):
+    """Logits after the first `length` tokens of a right-padded sequence (padding comes later,
+    so causal attention never sees it); one compilation for every length."""
+    valid = jnp.arange(seq.shape[1])[None] < length
+    hidden, _ = model(seq, jnp.arange(seq.shape[1])[None], valid)
+    return model.logits(hidden)[0, length - 1]
+
+
+def greedy_reference(model, prompt, n, width=32):
+    """Argmax of teacher-forced full forward passes over the growing sequence (no cache)."""
+    seq = np.zeros((1, width), np.int32)
+    seq[0, : len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        seq[0, t] = int(jnp.argmax(_last_logits(model, jnp.asarray(seq), t)))
+    return list(seq[0, len(prompt) : len(prompt) + n])
+
+
+@pytest.mark.parametrize("greedy", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
+def test_greedy_equals_argmax_of_teacher_forced_passes(model, greedy):
+    cfg = SamplingConfig(group_size=2, max_new_tokens=7, prompt_buckets=(8, 16), **greedy)
+    out, _, _ = run(model, cfg)
+    for p, prompt in enumerate(PROMPTS):
+        expected = greedy_reference(model, prompt, 7)
+        for g in range(2):
+            assert list(np.asarray(out.tokens[p, g])) == expected
+    assert np.all(np.asarray(out.finish_reason) == FINISH_LENGTH) and np.all(np.asarray(out.lengths) == 7)
+
+
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=20), dict(top_p=0.8), dict(top_k=30, top_p=0.9)])
+def test_sampler_logp_equals_scoring_logp(model, filters):
+    cfg = SamplingConfig(
+        group_size=4, max_new_tokens=9, temperature=0.7, stop_token_ids=(3,), prompt_buckets=(8,), **filters
+    )
+    out, tokens, valid = run(model, cfg, key=5)
+    logp, _ = score(model, jnp.asarray(tokens), jnp.asarray(valid), out.tokens, out.mask, temperature=0.7)
+    np.testing.assert_allclose(np.asarray(out.logp), np.asarray(logp), atol=1e-4)
+    assert np.all(np.asarray(out.logp)[~np.asarray(out.mask)] == 0)
+
+
+def test_left_padding_changes_nothing(model):
+    short = SamplingConfig(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(8,))
+    long = SamplingConfig(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(32,))
+    a, _, _ = run(model, short)
+    b, _, _ = run(model, long)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    alone, _, _ = run(model, short, prompts=[PROMPTS[1]])  # same prompt, no neighbours
+    np.testing.assert_array_equal(alone.tokens[0], a.tokens[1])
+    # Sampling too: the same rows and key give the same draws in either bucket.
+    sampled = dict(group_size=3, max_new_tokens=6, temperature=1.0, top_p=0.95)
+    c, _, _ = run(model, SamplingConfig(prompt_buckets=(8,), **sampled), key=3)
+    d, _, _ = run(model, SamplingConfig(prompt_buckets=(32,), **sampled), key=3)
+    np.testing.assert_array_equal(c.tokens, d.tokens)
+    np.testing.assert_allclose(c.logp, d.logp, atol=1e-5)
+
+
+def test_stop_tokens_end_responses_and_their_masks(model):
+    # Draws depend only on (key, step, row), so with stop tokens every row repeats the stop-free
+    # draws up to and including its first stop token, then pads.
+    sampled = dict(group_size=2, max_new_tokens=8, temperature=1.0, prompt_buckets=(8,))
+    reference = np.asarray(run(model, SamplingConfig(**sampled), key=7)[0].tokens).reshape(-1, 8)
+    # A stop token that some row first emits at step j >= 1.
+    r, j = next((r, j) for r in range(len(reference)) for j in range(1, 8) if reference[r, j] not in reference[r, :j])
+    stops = (int(reference[r, j]), 127)
+    cfg = SamplingConfig(stop_token_ids=stops, **sampled)
+    out, _, _ = run(model, cfg, key=7)
+    tokens, mask = np.asarray(out.tokens).reshape(-1, 8), np.asarray(out.mask).reshape(-1, 8)
+    lengths, finish = np.asarray(out.lengths).reshape(-1), np.asarray(out.finish_reason).reshape(-1)
+    for row in range(len(reference)):
+        hits = np.flatnonzero(np.isin(reference[row], stops))
+        length = hits[0] + 1 if len(hits) else 8
+        assert lengths[row] == length
+        assert finish[row] == (FINISH_STOP if len(hits) else FINISH_LENGTH)
+        np.testing.assert_array_equal(mask[row], np.arange(8) < length)  # the stop token is kept
+        np.testing.assert_array_equal(tokens[row, :length], reference[row, :length])
+        assert np.all(tokens[row, length:] == cfg.pad_id)
+    assert lengths[r] == j + 1 and finish[r] == FINISH_STOP
+    assert np.any(finish == FINISH_LENGTH)  # both kinds of ending occur
+
+
+def _expected_distribution(logits, temperature, top_k, top_p):
+    """softmax(logits / T), cut to the top k, renormalised, then cut to the top-p nucleus of that
+    (the order of HF's logits warpers and vLLM), in numpy, independently of the sampler's code."""
+    probs = np.exp(logits / temperature - np.max(logits / temperature))
+    order = np.argsort(-probs)
+    if top_k:
+        probs[order[top_k:]] = 0.0
+    probs /= probs.sum()
+    keep = np.zeros_like(probs, bool)
+    mass = 0.0
+    for v in order:
+        if mass >= top_p or probs[v] == 0:
+            break
+        keep[v] = True
+        mass += probs[v]
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (10, 1.0), (0, 0.8), (12, 0.9)])
+def test_first_token_distribution_passes_chi_square(model, top_k, top_p):
+    n, temperature = 10_000, 0.8
+    cfg = SamplingConfig(
+        group_size=n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, prompt_buckets=(4,)
+    )
+    out, tokens, valid = run(model, cfg, prompts=[[7, 8, 9]], key=11)
+    hidden, _ = model(jnp.asarray([[7, 8, 9]]), jnp.arange(3)[None], jnp.ones((1, 3), bool))
+    expected = _expected_distribution(np.asarray(model.logits(hidden)[0, -1], np.float64), temperature, top_k, top_p)
+    counts = np.bincount(np.asarray(out.tokens).reshape(-1), minlength=expected.size)
+    assert counts[expected == 0].sum() == 0  # nothing outside the filter is ever drawn
+    support = np.flatnonzero(expected > 0)
+    big = support[expected[support] * n >= 5]  # chi-square needs >= 5 expected per bin: pool the rest
+    small = np.setdiff1d(support, big)
+    observed = np.append(counts[big], counts[small].sum())
+    predicted = np.append(expected[big], expected[small].sum()) * n
+    keep = predicted > 0
+    result = stats.chisquare(observed[keep], predicted[keep])
+    assert len(big) >= 5 and result.pvalue > 1e-3, (len(big), result)
+
+
+def test_deterministic_for_a_key_and_different_across_keys(model):
+    cfg = SamplingConfig(group_size=4, max_new_tokens=6, temperature=1.0, prompt_buckets=(8,))
+    a, b, c = run(model, cfg, key=1)[0], run(model, cfg, key=1)[0], run(model, cfg, key=2)[0]
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert np.any(np.asarray(a.tokens) != np.asarray(c.tokens))
+    assert len({tuple(np.asarray(a.tokens[0, g])) for g in range(4)}) > 1  # the G samples differ
+
+
+def test_sharded_sampling_equals_single_device():
+    cfg_model = get_preset("tiny_qwen2")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded, single = create_sharded(cfg_model, mesh, seed=4), Transformer(cfg_model, rngs=nnx.Rngs(4))
+    cfg = SamplingConfig(group_size=2, max_new_tokens=5, temperature=1.0, top_k=40, prompt_buckets=(8,))
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]]
+    tokens, valid = pad_prompts(prompts, cfg.prompt_buckets, 0)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    a = sample(sharded, jax.device_put(tokens, batch), jax.device_put(valid, batch), jax.random.key(9), cfg)
+    b = sample(single, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(9), cfg)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
+
+
+def test_prompt_buckets_bound_compilations(model):
+    sampler = Sampler(SamplingConfig(group_size=2, max_new_tokens=3, prompt_buckets=(4, 8)))
+    for prompts in ([[1, 2]], [[1, 2, 3]], [[5]], [[1, 2, 3, 4, 5]], [[1] * 8]):
+        rollout, tokens, _ = sampler(model, prompts, jax.random.key(0))
+        assert tokens.shape[1] in (4, 8) and rollout.tokens.shape == (1, 2, 3)
+    assert sampler.compiled_shapes == {(1, 4), (1, 8)}
+    with pytest.raises(ValueError, match="longer than the largest prompt bucket 8"):
+        sampler(model, [[1] * 9], jax.random.key(0))
+
+
+def test_bad_sampling_config():
+    with pytest.raises(ValueError, match=r"sampling\.top_p=0\.0"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"sampling\.temperature=-1"):
+        SamplingConfig(temperature=-1)
