@@ -7,17 +7,25 @@ timed after a warm-up call, median of repeats, and their ratio. Weights are rand
 does not depend on them); no stop token, so every row decodes `T` tokens.
 
     python benchmarks/sampler_bench.py                               # tiny and smollm2_135m
-    python benchmarks/sampler_bench.py --presets tiny --T 32
+    python benchmarks/sampler_bench.py --tunix_python /path/to/tunix-env/bin/python
 
-Tunix's sampler is not compared here yet (see the README's sampler section).
+With `--tunix_python`, Tunix's sampler (google-tunix, installed in that separate environment
+only) runs in a subprocess on the same weights: the random model is exported with `export_hf`
+to HF safetensors (plus a tokenizer: SmolLM2's for its vocabulary, a word-level one of the
+preset's size otherwise) and loaded by Tunix's own safetensors loader. Tunix's tokenizer adds a
+BOS token, so its prompts are one token longer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import flax.nnx as nnx
 import jax
@@ -25,6 +33,7 @@ import jax.numpy as jnp
 
 from gtpo_jax.models.presets import get_preset
 from gtpo_jax.models.transformer import Transformer
+from gtpo_jax.models.weights import export_hf
 from gtpo_jax.rollout.sampler import SamplingConfig, pad_prompts, sample
 
 BASELINE = "no_cache_recompute"
@@ -65,14 +74,54 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A tokenizer for Tunix's `AutoTokenizer`: SmolLM2's when the vocabulary is its size,
+    else a word-level one with tokens `t0 ... t{V-1}`."""
+    if vocab_size == 49152:
+        from gtpo_jax.models.gguf import fetch_smollm2
+
+        source = fetch_smollm2()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(source / name, directory / name)
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t1", "eos_token": "t2", "pad_token": "t0"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def run_tunix(python: str, model: Transformer, rows: int, prompt_len: int, T: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        write_tokenizer(Path(tmp), model.cfg.vocab_size)
+        script = Path(__file__).with_name("tunix_sampler_run.py")
+        cmd = [
+            python,
+            str(script),
+            tmp,
+            f"--rows={rows}",
+            f"--prompt_len={prompt_len}",
+            f"--T={T}",
+            f"--repeats={repeats}",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"tunix_error": done.stderr.strip()[-1500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,smollm2_135m", help="comma-separated model presets")
-    parser.add_argument("--P", type=int, default=4, help="prompts")
+    parser.add_argument("--P", type=int, default=2, help="prompts")
     parser.add_argument("--G", type=int, default=4, help="responses per prompt")
     parser.add_argument("--prompt_len", type=int, default=32)
-    parser.add_argument("--T", type=int, default=64, help="new tokens per response")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--T", type=int, default=32, help="new tokens per response")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tunix_python", default="", help="python of an environment with google-tunix")
     args = parser.parse_args()
 
     cfg = SamplingConfig(group_size=args.G, max_new_tokens=args.T, temperature=1.0, prompt_buckets=(args.prompt_len,))
@@ -85,13 +134,18 @@ def main() -> None:
         ours = timed(lambda: sample(model, tokens, valid, key, cfg).tokens, args.repeats)  # noqa: B023
         base = timed(lambda: sample_without_cache(model, tokens, valid, key, cfg), args.repeats)  # noqa: B023
         decoded = args.P * args.G * args.T
-        print(json.dumps({
+        record = {
             "benchmark": "sampler_decode", "preset": name, "P": args.P, "G": args.G,
             "prompt_len": args.prompt_len, "T": args.T, "decoded_tokens": decoded,
             "kv_cache_s": ours, "kv_cache_tokens_per_s": decoded / ours,
             "baseline": BASELINE, "baseline_s": base, "baseline_tokens_per_s": decoded / base,
             "speedup_vs_baseline": base / ours, "backend": jax.default_backend(), "jax": jax.__version__,
-        }), flush=True)  # fmt: skip
+        }  # fmt: skip
+        if args.tunix_python:
+            record |= run_tunix(args.tunix_python, model, args.P * args.G, args.prompt_len, args.T, args.repeats)
+            if "tunix_tokens_per_s" in record:
+                record["speedup_vs_tunix"] = record["kv_cache_tokens_per_s"] / record["tunix_tokens_per_s"]
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
