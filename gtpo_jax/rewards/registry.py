@@ -7,6 +7,7 @@ import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gtpo_jax.data import tasks
 from gtpo_jax.rewards import math as math_rewards
 
 RewardFn = Callable[..., tuple[float, dict]]
@@ -34,6 +35,7 @@ register(RewardSpec("math", math_rewards.math_reward))
 register(RewardSpec("dapo", math_rewards.dapo_reward, failure_score=-1.0))
 register(RewardSpec("exact", math_rewards.exact_reward))
 register(RewardSpec("format", math_rewards.format_reward))
+register(RewardSpec("countdown", tasks.countdown_reward))
 
 
 def get_reward(name: str) -> RewardSpec:
