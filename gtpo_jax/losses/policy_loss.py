@@ -169,8 +169,9 @@ def policy_loss(
 
     Token level (Eq. 7): `advantages` is `[P, G, T]` and each token has its own ratio.
     Sequence level (GRPO-S): `advantages` is `[P, G]`, the ratio is `sequence_ratios`, and
-    each response's objective is spread over its tokens before `aggregate`, so that
-    `seq_mean_token_mean` gives the paper's `(1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i)`.
+    each response's objective counts as if spread over its tokens (`aggregate_sequences`,
+    computed at `[P, G]`), so that `seq_mean_token_mean` gives the paper's
+    `(1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i)`.
     `old_logp`, `advantages`, `ref_logp`, `entropy` and `mask` are constants.
     `entropy` and `correct` only feed the diagnostics (entropy of O+ / O- tokens).
     """

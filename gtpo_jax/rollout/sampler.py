@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from jaxtyping import Array, Bool, Float, Int
 
-from gtpo_jax.models.transformer import KVCache, Transformer
+from gtpo_jax.models.transformer import KVCache, Transformer, positions_from_valid
 
 FINISH_STOP = 0  # ended with a stop token
 FINISH_LENGTH = 1  # reached max_new_tokens
@@ -141,7 +141,7 @@ def sample(
     B = P * G
     stops = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
 
-    positions = jnp.maximum(jnp.cumsum(prompt_valid.astype(jnp.int32), axis=1) - 1, 0)
+    positions = positions_from_valid(prompt_valid)
     cache = KVCache.empty(model.cfg, P, Lp + T)
     hidden, cache = model(prompts, positions, prompt_valid, cache)
     # Copy each prompt's cache and last logits to its G samples: row p * G + g.
