@@ -1,4 +1,5 @@
-"""Prompt records `{id, prompt, answer, ...}` from JSONL files, with a configurable field mapping.
+"""Prompt records `{id, prompt, answer, ...}` from JSONL or Parquet files and tensorflow-datasets
+builders, with a configurable field mapping.
 
 Presets name the common formats:
 
@@ -86,12 +87,44 @@ def _answer(raw: dict, fields: FieldMap, where: str) -> str:
     raise DataError(f"{where}: missing field {wanted}; the record has fields {sorted(raw)}")
 
 
-def read_jsonl(path: str | os.PathLike, fields: FieldMap | str = "dapo") -> Iterator[dict[str, Any]]:
-    """Yields `{"id", "prompt", "answer", **other fields}` for each line of a JSONL file."""
-    fields = PRESETS[fields] if isinstance(fields, str) else fields
+def to_record(raw: Any, fields: FieldMap, where: str, default_id: str) -> dict[str, Any]:
+    """One prompt record from a raw mapping; `where` names the file and line (or row) for errors."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a record (JSON object / mapping), got {type(raw).__name__}")
+    # tfds gives bytes; a Parquet column that is null in this row counts as a missing field.
+    raw = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in raw.items() if v is not None}
+    if fields.prompt not in raw:
+        raise DataError(f"{where}: missing field {fields.prompt!r}; the record has fields {sorted(raw)}")
+    record_id = raw.get(fields.id) if fields.id else None
+    record = {k: v for k, v in raw.items() if k not in (fields.prompt, fields.id, fields.answer)}
+    if fields.answer_from is not AnswerFrom.AS_IS and fields.answer in raw:
+        record.setdefault("solution", raw[fields.answer])  # the worked solution the answer came from
+    record |= {
+        "id": str(record_id) if record_id is not None else default_id,
+        "prompt": str(raw[fields.prompt]),
+        "answer": _answer(raw, fields, where),
+    }
+    return record
+
+
+def _fields(fields: FieldMap | str) -> FieldMap:
+    if isinstance(fields, FieldMap):
+        return fields
+    if fields not in PRESETS:
+        raise DataError(f"unknown field preset {fields!r}; known: {sorted(PRESETS)} (or pass a FieldMap)")
+    return PRESETS[fields]
+
+
+def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def read_jsonl(path: str | os.PathLike, fields: FieldMap | str = "dapo") -> Iterator[dict[str, Any]]:
+    """Yields `{"id", "prompt", "answer", **other fields}` for each line of a JSONL file."""
+    fields, path = _fields(fields), _existing(path)
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             where = f"{path}:{number}"
@@ -101,17 +134,44 @@ def read_jsonl(path: str | os.PathLike, fields: FieldMap | str = "dapo") -> Iter
                 raw = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(raw, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            if fields.prompt not in raw:
-                raise DataError(f"{where}: missing field {fields.prompt!r}; the record has fields {sorted(raw)}")
-            record_id = raw.get(fields.id) if fields.id else None
-            record = {k: v for k, v in raw.items() if k not in (fields.prompt, fields.id, fields.answer)}
-            if fields.answer_from is not AnswerFrom.AS_IS and fields.answer in raw:
-                record.setdefault("solution", raw[fields.answer])  # the worked solution the answer came from
-            record |= {
-                "id": str(record_id) if record_id is not None else f"{path.stem}-{number}",
-                "prompt": str(raw[fields.prompt]),
-                "answer": _answer(raw, fields, where),
-            }
-            yield record
+            yield to_record(raw, fields, where, f"{path.stem}-{number}")
+
+
+def read_parquet(path: str | os.PathLike, fields: FieldMap | str = "dapo") -> Iterator[dict[str, Any]]:
+    """Yields prompt records from a Parquet file (rows numbered from 1 in errors and default ids)."""
+    import pyarrow.parquet as pq
+
+    fields, path = _fields(fields), _existing(path)
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for raw in batch.to_pylist():
+            number += 1
+            yield to_record(raw, fields, f"{path}:row {number}", f"{path.stem}-{number}")
+
+
+def read_tfds(
+    name: str, split: str = "train", fields: FieldMap | str = "gsm8k", data_dir: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yields prompt records from a prepared tensorflow-datasets builder via `tfds.data_source`
+    (random-access ArrayRecord files; TensorFlow is not needed). Byte strings are decoded as UTF-8."""
+    import tensorflow_datasets as tfds
+
+    fields = _fields(fields)
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    for index in range(len(source)):
+        yield to_record(dict(source[index]), fields, f"tfds:{name}/{split}[{index}]", f"{name}-{split}-{index}")
+
+
+def read_records(kind: str, path: str, fields: FieldMap | str, *, split: str = "train", data_dir: str | None = None):
+    """Dispatches on `kind` in {"jsonl", "parquet", "tfds"} (`path` is the builder name for tfds)."""
+    if kind == "jsonl":
+        return read_jsonl(path, fields)
+    if kind == "parquet":
+        return read_parquet(path, fields)
+    if kind == "tfds":
+        return read_tfds(path, split, fields, data_dir)
+    raise DataError(f"unknown source kind {kind!r}; expected 'jsonl', 'parquet' or 'tfds'")
