@@ -39,7 +39,7 @@ def _arithmetic(rng: random.Random, difficulty: int) -> dict[str, Any]:
         value = value + operand if op == "+" else value - operand if op == "-" else value * operand
         text = f"({text} {op} {operand})"
     text = text[1:-1] if text.startswith("(") else text
-    return {"prompt": f"Compute {text}. {INSTRUCTION}", "answer": str(value)}
+    return {"prompt": f"Compute {text}. {INSTRUCTION}", "answer": str(value), "compact": text.replace(" ", "")}
 
 
 def _countdown(rng: random.Random, difficulty: int) -> dict[str, Any]:
@@ -55,14 +55,23 @@ def _countdown(rng: random.Random, difficulty: int) -> dict[str, Any]:
         f"Using the numbers {shown}, each at most once, and the operations + - * / with parentheses, "
         f"write an expression equal to {int(value)}. {INSTRUCTION}"
     )
-    return {"prompt": prompt, "answer": str(int(value)), "numbers": shown, "target": int(value)}
+    compact = f"{','.join(map(str, shown))}>{int(value)}"
+    return {"prompt": prompt, "answer": str(int(value)), "numbers": shown, "target": int(value), "compact": compact}
 
 
 TASKS = {"arithmetic": _arithmetic, "countdown": _countdown}
 
 
-def generate(task: str, n: int, *, seed: int = 0, difficulty: int = 3, split: str = "train") -> list[dict[str, Any]]:
-    """`n` distinct problems of `task` in `split`, as prompt records `{id, prompt, answer, ...}`."""
+def generate(
+    task: str, n: int, *, seed: int = 0, difficulty: int = 3, split: str = "train", prompt_style: str = "instruction"
+) -> list[dict[str, Any]]:
+    """`n` distinct problems of `task` in `split`, as prompt records `{id, prompt, answer, ...}`.
+
+    `prompt_style="compact"` puts the bare problem in `prompt` (`(3+5)*2`, `1,5,7>16`: for small
+    character-level models); the split is decided on the instruction text either way.
+    """
+    if prompt_style not in ("instruction", "compact"):
+        raise ValueError(f"prompt_style={prompt_style!r}: expected 'instruction' or 'compact'")
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if split not in ("train", "test"):
@@ -77,6 +86,9 @@ def generate(task: str, n: int, *, seed: int = 0, difficulty: int = 3, split: st
         if problem["prompt"] in seen or _split_of(problem["prompt"]) != split:
             continue
         seen.add(problem["prompt"])
+        compact = problem.pop("compact")
+        if prompt_style == "compact":
+            problem = {**problem, "prompt": compact}
         records.append({"id": f"{task}-{split}-{seed}-{len(records)}", **problem})
         if len(records) == n:
             return records

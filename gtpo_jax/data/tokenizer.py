@@ -260,11 +260,15 @@ class CharTokenizer(Tokenizer):
             raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's alphabet {self.alphabet!r}") from None
 
     def _decode(self, ids: list[int]) -> str:
-        return "".join(self.alphabet[i - 2] if i >= 2 else (self.EOS if i == 1 else "") for i in ids)
+        # Ids outside the vocabulary (a model with a larger embedding) decode as U+FFFD.
+        return "".join(
+            (self.alphabet[i - 2] if i - 2 < len(self.alphabet) else "\ufffd") if i >= 2 else (self.EOS if i == 1 else "")
+            for i in ids
+        )
 
 
 # The characters of the synthetic tasks' compact prompts and answers (see data/tasks.py).
-TASK_ALPHABET = "0123456789+-*/()=\\boxed{} ,."
+TASK_ALPHABET = "0123456789+-*/()=\\boxed{} ,.>"
 
 
 def load_tokenizer(kind: str, path: str = "", *, chat_template: str | None = None) -> Tokenizer:

@@ -1,0 +1,44 @@
+"""Train a policy with GRPO, DAPO, GTPO or GRPO-S.
+
+    python -m gtpo_jax.train --config=configs/default.py
+    python -m gtpo_jax.train --config=configs/default.py --config.loss.algorithm=grpo_s --config.train.run_dir=runs/s
+
+`--config.X.Y=value` overrides any field; an unknown field is an error naming the closest one.
+`--config.train.resume=auto` (the default) continues from the latest checkpoint in `run_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; set fields with --config.section.field=value")
+    import jax
+
+    from gtpo_jax.config import from_config_dict
+    from gtpo_jax.training.loop import Trainer
+
+    if os.environ.get("GTPO_JAX_COORDINATOR"):  # multi-process runs (see launch/README.md)
+        jax.distributed.initialize()
+    cfg = from_config_dict(_CONFIG.value)
+    logging.set_verbosity(logging.WARNING)
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if jax.process_index() == 0:
+        print(json.dumps({"result": result}))
+
+
+if __name__ == "__main__":
+    app.run(main)

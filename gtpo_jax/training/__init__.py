@@ -1,0 +1,1 @@
+"""The RL trainer: state, jitted update, rollout collection, checkpoints, metrics, the loop."""

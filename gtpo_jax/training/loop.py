@@ -1,0 +1,281 @@
+"""The RL loop (DESIGN.md, "One RL step"): the only place with side effects besides the CLIs.
+
+    for step in range(start, steps):
+        groups  = collect(sample -> reward -> dynamic sampling with refill)        host + jit
+        old_logp, entropy = score(old params)       ; ref_logp = score(ref) if kl   jit
+        loss batch = prepare_batch(advantages, masks)                               jit
+        ppo_epochs x mini_batches: state = update(state, groups[mb], batch[mb])     jit
+        metrics -> JSONL / TensorBoard / console ; checkpoint every N, at the end, on SIGTERM
+
+Randomness of step `s` comes from `fold_in(seed, s)`, the prompt order from the pipeline state
+saved in each checkpoint, and rewards are deterministic, so a run that is killed and resumed
+produces bit-identical parameters to one that never stopped (tested on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gtpo_jax.config import Config, to_dict
+from gtpo_jax.data import tasks
+from gtpo_jax.data.pipeline import PipelineConfig, PromptPipeline
+from gtpo_jax.data.sources import read_records
+from gtpo_jax.data.tokenizer import load_tokenizer
+from gtpo_jax.evaluate import evaluate_policy
+from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
+from gtpo_jax.models import presets
+from gtpo_jax.models.sharding import abstract_model, batch_sharding, create_sharded, make_mesh
+from gtpo_jax.models.weights import load_hf
+from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rollout.sampler import Sampler, SamplingConfig
+from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
+from gtpo_jax.training.collect import collect, render_prompt
+from gtpo_jax.training.metrics import MetricsWriter
+from gtpo_jax.training.state import TrainState, init_state, make_optimizer
+from gtpo_jax.training.update import Groups, StepFns
+from gtpo_jax.training.warmup import supervised_warmup
+
+CONSOLE_KEYS = ("reward", "pass_rate", "entropy_pos", "entropy_neg", "len_mean", "clip_frac_high", "grad_norm")
+
+
+def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, held-out records) as the config names them."""
+    d = cfg.data
+    if d.source == "task":
+        common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=d.prompt_style)
+        return (tasks.generate(d.task, d.num_train, split="train", **common),
+                tasks.generate(d.task, d.num_test, split="test", **common))  # fmt: skip
+    if not d.path:
+        raise ValueError(f"data.source={d.source!r} needs data.path (a file, or the tfds builder name)")
+    train = list(read_records(d.source, d.path, d.fields, split="train"))
+    test = list(read_records(d.source, d.test_path, d.fields, split="test")) if d.test_path else []
+    return train, test
+
+
+class Trainer:
+    """Builds everything a run needs from a `Config`; `run()` trains, `evaluate()` measures."""
+
+    def __init__(self, cfg: Config, *, mesh=None, for_eval: bool = False):
+        self.cfg = cfg
+        self.mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        m, t = cfg.model, cfg.tokenizer
+        tok_path = t.path or m.checkpoint
+        self.tok = load_tokenizer(t.kind, tok_path)
+        dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        if m.checkpoint:
+            policy = load_hf(m.checkpoint, mesh=self.mesh, **dtypes)
+            model_cfg = policy.cfg
+        else:
+            # A randomly initialised model gets exactly the tokenizer's vocabulary.
+            model_cfg = presets.get_preset(m.preset, vocab_size=self.tok.vocab_size, **dtypes)
+            policy = create_sharded(model_cfg, self.mesh, seed=m.init_seed)
+        graphdef, abstract = abstract_model(model_cfg)
+        self.model_cfg = model_cfg
+        self.train_records, self.test_records = load_data(cfg)
+        total_updates = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
+        self.optimizer = make_optimizer(cfg.optim, total_updates)
+        self.fns = StepFns(graphdef, abstract, cfg.loss, self.optimizer, cfg.rollout.temperature,
+                           m.token_chunk, m.vocab_chunk, cfg.train.micro_batches)  # fmt: skip
+        import flax.nnx as nnx
+
+        self.state = init_state(nnx.to_pure_dict(nnx.state(policy)), self.optimizer, cfg.train.seed)
+        self.sampling = SamplingConfig(
+            group_size=cfg.loss.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+            stop_token_ids=self.tok.stop_ids, pad_id=self.tok.pad_id, prompt_buckets=cfg.rollout.prompt_buckets,
+        )  # fmt: skip
+        self.sampler = Sampler(self.sampling)
+        self._encoded: dict[str, list[int]] = {}
+        self.pipeline = PromptPipeline(
+            self.train_records,
+            PipelineConfig(batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed,
+                           max_prompt_tokens=cfg.data.max_prompt_tokens),
+            prompt_tokens=lambda r: len(self.encode(r)),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+        r = cfg.reward
+        options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
+        self.pool = RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)
+        self.checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.metrics = None if for_eval else MetricsWriter(cfg.train.run_dir, cfg.train.steps)
+        self.score_fn, self.prepare_fn, self.update_fn = self.fns.score_fn(), self.fns.prepare_fn(), self.fns.update_fn()
+        self.ref_params = None
+        self.meta: dict[str, Any] = {"config": to_dict(cfg)}
+
+    # ---- helpers -------------------------------------------------------------------------
+    def encode(self, record: dict[str, Any]) -> list[int]:
+        key = record["id"]
+        if key not in self._encoded:
+            t = self.cfg.tokenizer
+            text = render_prompt(self.tok, record, template=t.chat_template, system_prompt=t.system_prompt,
+                                 suffix=self.cfg.data.prompt_suffix)  # fmt: skip
+            self._encoded[key] = self.tok.encode(text)
+        return self._encoded[key]
+
+    def _put(self, tree: Any) -> Any:
+        """Batch arrays onto the mesh: leading axis split over the batch axes when it divides."""
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+        def put(x):
+            x = np.asarray(x)
+            sharding = (batch_sharding(self.mesh, x.ndim) if x.shape[0] % shards == 0
+                        else NamedSharding(self.mesh, PartitionSpec()))  # fmt: skip
+            return jax.device_put(x, sharding)
+
+        return jax.tree.map(put, tree)
+
+    def log(self, text: str) -> None:
+        if self.metrics is not None:
+            self.metrics.message(text)
+        elif jax.process_index() == 0:
+            print(text, flush=True)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self) -> None:
+        step = int(self.state.step)
+        self.checkpointer.save(step, self.state, self.pipeline.get_state(), self.meta)
+
+    def restore(self, step: int | None = None, directory: str | None = None) -> int | None:
+        """Loads `step` (default: latest) onto this trainer's mesh; returns the step, or None if none."""
+        ckpt = Checkpointer(Path(directory) / "checkpoints") if directory else self.checkpointer
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            return None
+        self.state, data_state, meta = ckpt.restore(step, self.state)
+        self.pipeline.set_state(data_state)
+        self.meta.update({k: v for k, v in meta.items() if k != "config"})
+        return step
+
+    # ---- phases --------------------------------------------------------------------------
+    def warmup(self) -> None:
+        w = self.cfg.warmup
+        self.log(f"warm-up: {w.steps} supervised steps on reference answers")
+        params = supervised_warmup(
+            self.fns.model, self.state.params, self.train_records, self.encode, self.tok, w,
+            seed=self.cfg.train.seed, width=self.cfg.rollout.max_new_tokens, buckets=self.cfg.rollout.prompt_buckets,
+            log=self.log,
+        )  # fmt: skip
+        self.state = init_state(params, self.optimizer, self.cfg.train.seed)
+
+    def evaluate(self, *, samples: int | None = None, num_prompts: int | None = None) -> dict[str, float]:
+        e = self.cfg.eval
+        samples = 1 if e.temperature == 0 else (samples or e.samples)
+        records = self.test_records[: num_prompts or e.num_prompts]
+        if not records:
+            return {}
+        sampling = SamplingConfig(**{**self.sampling.__dict__, "group_size": samples, "temperature": e.temperature})
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.state.rng), 1_000_003)  # same prompts, same draws
+        return evaluate_policy(self.fns.model(self.state.params), self.tok, self.pool, records, self.encode, key,
+                               sampling=sampling, success_threshold=self.cfg.loss.success_threshold)  # fmt: skip
+
+    def step(self) -> dict[str, float]:
+        """One RL step; returns its metrics."""
+        cfg, t0 = self.cfg, time.time()
+        key = self.state.key()
+        batch, stats = collect(
+            self.sampler, self.fns.model(self.state.params), self.tok, self.pool, self.pipeline, self.encode,
+            jax.random.fold_in(key, 0), num_prompts=cfg.train.prompts_per_step,
+            dynamic_sampling=cfg.loss.dynamic_sampling, max_refill_rounds=cfg.rollout.max_refill_rounds,
+            success_threshold=cfg.loss.success_threshold,
+        )  # fmt: skip
+        t_rollout = time.time() - t0
+        prompts, valid = batch.padded_prompts(cfg.rollout.prompt_buckets, self.tok.pad_id)
+        groups = self._put(Groups(prompts, valid, batch.tokens, batch.mask))
+        old_logp, entropy = self.score_fn(self.state.params, groups)
+        ref_logp = self.score_fn(self.ref_params, groups)[0] if self.ref_params is not None else None
+        host = self._put((batch.rewards, batch.lengths, batch.truncated))
+        loss_batch, batch_diag = self.prepare_fn(host[0], groups, old_logp, entropy, host[1], host[2], ref_logp)
+        t1 = time.time()
+        n = cfg.train.prompts_per_step // cfg.train.mini_batches
+        diag, update_metrics = None, []
+        for _ in range(cfg.train.ppo_epochs):
+            for i in range(cfg.train.mini_batches):
+                part = lambda x: x[i * n : (i + 1) * n]  # noqa: E731
+                self.state, m, d = self.update_fn(self.state, jax.tree.map(part, groups), jax.tree.map(part, loss_batch))
+                update_metrics.append(m)
+                diag = d if diag is None else merge_diagnostics(diag, d)
+        jax.block_until_ready(self.state.params)
+        t_update = time.time() - t1
+        self.state = self.state._replace(step=self.state.step + 1)
+        mask = batch.mask
+        valid_tokens = float(mask.sum())
+        drift = np.abs(np.asarray(old_logp) - batch.sampler_logp)[mask]
+        record = {
+            **finalize_diagnostics(batch_diag),
+            **finalize_diagnostics(diag),
+            "loss": float(np.mean([float(m["loss"]) for m in update_metrics])),
+            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in update_metrics])),
+            "skipped_updates": float(self.state.skipped),
+            "reward": float(batch.rewards.mean()),
+            "len_mean": float(batch.lengths.mean()),
+            "len_max": float(batch.lengths.max()),
+            "truncation_rate": float(batch.truncated.mean()),
+            "logp_drift_mean": float(drift.mean()) if drift.size else 0.0,
+            "logp_drift_max": float(drift.max()) if drift.size else 0.0,
+            "rollout_tokens_per_s": valid_tokens / max(t_rollout, 1e-9),
+            "update_tokens_per_s": valid_tokens * cfg.train.ppo_epochs / max(t_update, 1e-9),
+            "step_time_s": time.time() - t0,
+            **stats,
+        }
+        return record
+
+    def run(self) -> dict[str, Any]:
+        """Trains to `train.steps` (resuming if asked); returns the start and final evaluations."""
+        cfg = self.cfg
+        resumed = self.restore() if cfg.train.resume == "auto" else None
+        if resumed is None:
+            if cfg.warmup.steps > 0:
+                self.warmup()
+            self.meta["start_eval"] = self.evaluate()
+            self.log(f"start: held-out {_fmt(self.meta['start_eval'])}")
+            self.save()  # step 0: a resumed run never repeats the warm-up
+        else:
+            self.log(f"resumed from step {resumed} ({self.checkpointer.directory})")
+        if cfg.loss.kl_coef > 0:  # the reference is the policy RL starts from (after any warm-up)
+            self.ref_params = self.checkpointer.reference(self.state.params, save=resumed is None)
+        ran = 0
+        with PreemptionGuard() as guard:
+            while int(self.state.step) < cfg.train.steps:
+                record = self.step()
+                step, ran = int(self.state.step), ran + 1
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    self.metrics.write(step, record)
+                    self.metrics.progress(step, record, CONSOLE_KEYS)
+                stop = guard.requested or (cfg.train.stop_after and ran >= cfg.train.stop_after)
+                if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or stop:
+                    self.save()
+                if stop:
+                    self.log(f"stopping at step {step} ({'SIGTERM' if guard.requested else 'stop_after'}); "
+                             f"resume with the same command")  # fmt: skip
+                    return {"stopped_at": step, "start_eval": self.meta.get("start_eval", {})}
+        final = self.evaluate()
+        self.meta["final_eval"] = final
+        if self.checkpointer.latest_step() != int(self.state.step):
+            self.save()
+        self.metrics.write(int(self.state.step), {f"eval/{k}": v for k, v in final.items()})
+        start = self.meta.get("start_eval", {})
+        self.log(f"final: held-out {_fmt(final)}")
+        if start:
+            key = next(k for k in final if k.startswith("avg@"))
+            self.log(f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% after "
+                     f"{cfg.train.steps} steps ({100 * (final[key] - start[key]):+.1f} points)")  # fmt: skip
+        return {"start_eval": start, "final_eval": final, "skipped_updates": int(self.state.skipped)}
+
+    def close(self) -> None:
+        self.pool.close()
+        self.checkpointer.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _fmt(result: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.3f}" if k != "prompts" else f"on {int(v)} prompts" for k, v in result.items())
