@@ -21,13 +21,44 @@ from gtpo_jax.losses import ConfigError, LossConfig
 __all__ = ["Config", "ConfigError", "from_config_dict", "from_dict", "to_dict"]
 
 
+# Set of "Section.field" names read while tracking (see `track_reads`); None = not tracking.
+_READS: set[str] | None = None
+
+
+class _Tracked:
+    """Records reads of public attributes while `track_reads` is active (proves fields are used)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if _READS is not None and not name.startswith("_"):
+            _READS.add(f"{type(self).__name__}.{name}")
+        return object.__getattribute__(self, name)
+
+
+class track_reads:  # noqa: N801  (a context manager used like a function)
+    """`with track_reads() as reads: ...` collects every config field the code reads."""
+
+    def __enter__(self) -> set[str]:
+        global _READS
+        _READS = set()
+        return _READS
+
+    def __exit__(self, *exc: object) -> None:
+        global _READS
+        _READS = None
+
+
+def section_fields() -> set[str]:
+    """Every "Section.field" of the run config except the loss section (checked in its own tests)."""
+    return {f"{cls.__name__}.{f.name}" for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+
+
 def _check(ok: bool, section: str, field: str, value: Any, what: str) -> None:
     if not ok:
         raise ConfigError(f"{section}.{field}={value!r}: {what}")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Tracked):
     # Named architecture from models/presets.py, used when `checkpoint` is empty (random init).
     preset: str = "tiny"
     # Hugging Face checkpoint directory (config.json + safetensors); overrides `preset`.
@@ -45,7 +76,7 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerSection:
+class TokenizerSection(_Tracked):
     # "char" (built-in alphabet, synthetic tasks), "hf" (tokenizer.json) or "sentencepiece".
     kind: str = "char"
     # Checkpoint dir ("hf"), .model file ("sentencepiece"); empty = the model checkpoint (hf).
@@ -57,7 +88,7 @@ class TokenizerSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSection:
+class DataSection(_Tracked):
     # "task" (built-in synthetic task), "jsonl", "parquet" or "tfds".
     source: str = "task"
     # Training file, or tfds builder name.
@@ -69,6 +100,8 @@ class DataSection:
     # Built-in task ("arithmetic", "countdown"), its difficulty, and how many problems to draw.
     task: str = "arithmetic"
     difficulty: int = 2
+    # Operators the task draws from (a subset of "+-*").
+    operations: str = "+-*"
     num_train: int = 4000
     num_test: int = 200
     # "instruction" (full sentence) or "compact" (the expression alone) task prompts.
@@ -82,7 +115,7 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutSection:
+class RolloutSection(_Tracked):
     # Response length limit in tokens (T).
     max_new_tokens: int = 8
     # Sampling temperature (the scoring pass uses the same), top-k (0 = off), top-p (1 = off).
@@ -96,7 +129,7 @@ class RolloutSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RewardSection:
+class RewardSection(_Tracked):
     # Reward function name (rewards/registry.py): "math", "dapo", "exact", "format", "countdown".
     name: str = "exact"
     # Regex whose group 1 is the answer when the completion has no \boxed{} (empty = none).
@@ -107,7 +140,7 @@ class RewardSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimSection:
+class OptimSection(_Tracked):
     # AdamW peak learning rate, linear warm-up steps, then "constant" or "cosine" decay.
     learning_rate: float = 1e-6
     warmup_steps: int = 0
@@ -120,7 +153,7 @@ class OptimSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class WarmupSection:
+class WarmupSection(_Tracked):
     # Supervised warm-up on reference answers before RL (0 steps = off): gives a random-init
     # policy the partial skill RL needs to get signal.
     steps: int = 0
@@ -129,7 +162,7 @@ class WarmupSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSection:
+class TrainSection(_Tracked):
     # RL steps (one rollout batch each).
     steps: int = 100
     # Prompts per step (P); each gets loss.group_size responses.
@@ -155,7 +188,7 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSection:
+class EvalSection(_Tracked):
     # Evaluate on held-out prompts every N steps (0 = only at start and end).
     every: int = 0
     # Held-out prompts, and samples per prompt (k of pass@k / avg@k).
@@ -166,7 +199,7 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshSection:
+class MeshSection(_Tracked):
     # Device mesh axis sizes; one may be -1 (the remaining devices).
     data: int = 1
     fsdp: int = -1
@@ -268,6 +301,26 @@ def from_config_dict(config: Any) -> Config:
     return from_dict(config.to_dict())
 
 
+def base_config() -> Any:
+    """A `ConfigDict` holding every field at its default, so any field can be overridden from the
+    command line. Config files start from it. Loss fields are typed placeholders (`None` = the
+    chosen algorithm's recipe default), so `--config.loss.algorithm=grpo` changes only the recipe."""
+    from ml_collections import config_dict
+
+    root = config_dict.ConfigDict()
+    for name, cls in SECTIONS.items():
+        root[name] = config_dict.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+    loss = config_dict.ConfigDict()
+    for f in dataclasses.fields(LossConfig):
+        if f.name == "algorithm":
+            loss[f.name] = f.default
+            continue
+        kind = next(t for t in (bool, int, float, str) if t.__name__ in str(f.type))
+        loss[f.name] = config_dict.placeholder(kind)
+    root["loss"] = loss
+    return root
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """JSON-able resolved config (recipe defaults filled in); saved with every checkpoint."""
 
@@ -276,7 +329,5 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             return list(v)
         return str(v) if hasattr(v, "value") and not isinstance(v, bool | int | float) else v
 
-    return {
-        f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
-        for f in dataclasses.fields(cfg)
-    }
+    # vars(), not dataclasses.asdict: saving the config must not count as reading every field.
+    return {f.name: {k: plain(v) for k, v in vars(getattr(cfg, f.name)).items()} for f in dataclasses.fields(cfg)}

@@ -6,7 +6,7 @@
   `+ - * /` and parentheses. Any correct expression is accepted; the verifier parses it with a
   small recursive-descent parser over exact fractions (nothing is evaluated as Python).
 
-`generate(task, n, seed=..., difficulty=..., split=...)` is deterministic. A problem's split is a
+`generate(task, n, seed=..., difficulty=..., split=..., operations="+-*")` is deterministic. A problem's split is a
 function of its text alone (a hash), so `train` and `test` are disjoint whatever the seeds.
 """
 
@@ -31,22 +31,22 @@ def _split_of(prompt: str) -> str:
     return "test" if int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % TEST_FRACTION == 0 else "train"
 
 
-def _arithmetic(rng: random.Random, difficulty: int) -> dict[str, Any]:
+def _arithmetic(rng: random.Random, difficulty: int, operations: str = "+-*") -> dict[str, Any]:
     value = rng.randint(1, 9)
     text = str(value)
     for _ in range(difficulty):
-        op, operand = rng.choice("+-*"), rng.randint(1, 9)
+        op, operand = rng.choice(operations), rng.randint(1, 9)
         value = value + operand if op == "+" else value - operand if op == "-" else value * operand
         text = f"({text} {op} {operand})"
     text = text[1:-1] if text.startswith("(") else text
     return {"prompt": f"Compute {text}. {INSTRUCTION}", "answer": str(value), "compact": text.replace(" ", "")}
 
 
-def _countdown(rng: random.Random, difficulty: int) -> dict[str, Any]:
+def _countdown(rng: random.Random, difficulty: int, operations: str = "+-*") -> dict[str, Any]:
     numbers = [rng.randint(1, 12) for _ in range(difficulty + 1)]
     value = Fraction(numbers[0])
     for n in numbers[1:]:  # a solution exists by construction: combine all numbers in order
-        op = rng.choice("+-*")
+        op = rng.choice(operations)
         value = value + n if op == "+" else value - n if op == "-" else value * n
     if value <= 0:
         value = Fraction(sum(numbers))
@@ -63,13 +63,22 @@ TASKS = {"arithmetic": _arithmetic, "countdown": _countdown}
 
 
 def generate(
-    task: str, n: int, *, seed: int = 0, difficulty: int = 3, split: str = "train", prompt_style: str = "instruction"
+    task: str,
+    n: int,
+    *,
+    seed: int = 0,
+    difficulty: int = 3,
+    split: str = "train",
+    prompt_style: str = "instruction",
+    operations: str = "+-*",
 ) -> list[dict[str, Any]]:
     """`n` distinct problems of `task` in `split`, as prompt records `{id, prompt, answer, ...}`.
 
     `prompt_style="compact"` puts the bare problem in `prompt` (`(3+5)*2`, `1,5,7>16`: for small
     character-level models); the split is decided on the instruction text either way.
     """
+    if not operations or set(operations) - set("+-*"):
+        raise ValueError(f"operations={operations!r}: expected a non-empty subset of '+-*'")
     if prompt_style not in ("instruction", "compact"):
         raise ValueError(f"prompt_style={prompt_style!r}: expected 'instruction' or 'compact'")
     if task not in TASKS:
@@ -82,7 +91,7 @@ def generate(
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _ in range(1000 * n + 1000):
-        problem = TASKS[task](rng, difficulty)
+        problem = TASKS[task](rng, difficulty, operations)
         if problem["prompt"] in seen or _split_of(problem["prompt"]) != split:
             continue
         seen.add(problem["prompt"])

@@ -24,6 +24,10 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         tie_embeddings=True, **_QWEN2,
     ),
+    # The embedded default's policy: a few hundred thousand parameters, trains on 2 CPU cores.
+    "tiny_task": ModelConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2,
+    ),
     "smollm2_135m": ModelConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
         rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,

@@ -135,6 +135,5 @@ def collect(
         "sampling_rounds": float(rounds + 1),
         "prompts_sampled": float(sampled),
         "informative_groups": float(informative_groups),
-        "sampled_pass_rate": float(np.mean(batch.rewards > success_threshold)),
     }
     return batch, stats

@@ -49,7 +49,7 @@ def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train records, held-out records) as the config names them."""
     d = cfg.data
     if d.source == "task":
-        common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=d.prompt_style)
+        common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=d.prompt_style, operations=d.operations)
         return (tasks.generate(d.task, d.num_train, split="train", **common),
                 tasks.generate(d.task, d.num_test, split="test", **common))  # fmt: skip
     if not d.path:
@@ -85,7 +85,7 @@ class Trainer:
                            m.token_chunk, m.vocab_chunk, cfg.train.micro_batches)  # fmt: skip
         import flax.nnx as nnx
 
-        self.state = init_state(nnx.to_pure_dict(nnx.state(policy)), self.optimizer, cfg.train.seed)
+        self.state = self._init_state(nnx.to_pure_dict(nnx.state(policy)))
         self.sampling = SamplingConfig(
             group_size=cfg.loss.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
@@ -110,6 +110,14 @@ class Trainer:
         self.meta: dict[str, Any] = {"config": to_dict(cfg)}
 
     # ---- helpers -------------------------------------------------------------------------
+    def _init_state(self, params: Any) -> TrainState:
+        """A fresh state whose every leaf lives on the mesh (scalars replicated), so restored
+        checkpoints and jitted calls never mix single-device and mesh arrays."""
+        state = init_state(params, self.optimizer, self.cfg.train.seed)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)  # noqa: E731
+        return jax.tree.map(on_mesh, state)
+
     def encode(self, record: dict[str, Any]) -> list[int]:
         key = record["id"]
         if key not in self._encoded:
@@ -162,7 +170,7 @@ class Trainer:
             seed=self.cfg.train.seed, width=self.cfg.rollout.max_new_tokens, buckets=self.cfg.rollout.prompt_buckets,
             log=self.log,
         )  # fmt: skip
-        self.state = init_state(params, self.optimizer, self.cfg.train.seed)
+        self.state = self._init_state(params)
 
     def evaluate(self, *, samples: int | None = None, num_prompts: int | None = None) -> dict[str, float]:
         e = self.cfg.eval
@@ -175,55 +183,64 @@ class Trainer:
         return evaluate_policy(self.fns.model(self.state.params), self.tok, self.pool, records, self.encode, key,
                                sampling=sampling, success_threshold=self.cfg.loss.success_threshold)  # fmt: skip
 
-    def step(self) -> dict[str, float]:
-        """One RL step; returns its metrics."""
+    def rollout(self) -> tuple[Any, Groups, Any, dict[str, Any]]:
+        """Collects this step's groups and makes the loss batch: `(host batch, groups, loss batch, info)`."""
         cfg, t0 = self.cfg, time.time()
-        key = self.state.key()
         batch, stats = collect(
             self.sampler, self.fns.model(self.state.params), self.tok, self.pool, self.pipeline, self.encode,
-            jax.random.fold_in(key, 0), num_prompts=cfg.train.prompts_per_step,
+            self.state.key(0), num_prompts=cfg.train.prompts_per_step,
             dynamic_sampling=cfg.loss.dynamic_sampling, max_refill_rounds=cfg.rollout.max_refill_rounds,
             success_threshold=cfg.loss.success_threshold,
         )  # fmt: skip
-        t_rollout = time.time() - t0
+        stats["rollout_time_s"] = time.time() - t0
         prompts, valid = batch.padded_prompts(cfg.rollout.prompt_buckets, self.tok.pad_id)
         groups = self._put(Groups(prompts, valid, batch.tokens, batch.mask))
         old_logp, entropy = self.score_fn(self.state.params, groups)
         ref_logp = self.score_fn(self.ref_params, groups)[0] if self.ref_params is not None else None
         host = self._put((batch.rewards, batch.lengths, batch.truncated))
         loss_batch, batch_diag = self.prepare_fn(host[0], groups, old_logp, entropy, host[1], host[2], ref_logp)
-        t1 = time.time()
+        drift = np.abs(np.asarray(old_logp) - batch.sampler_logp)[batch.mask]
+        stats["logp_drift_mean"] = float(drift.mean()) if drift.size else 0.0
+        stats["logp_drift_max"] = float(drift.max()) if drift.size else 0.0
+        stats.update(finalize_diagnostics(batch_diag))
+        return batch, groups, loss_batch, stats
+
+    def update(self, groups: Groups, loss_batch: Any) -> dict[str, float]:
+        """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole)."""
+        cfg, t0 = self.cfg, time.time()
         n = cfg.train.prompts_per_step // cfg.train.mini_batches
-        diag, update_metrics = None, []
+        diag, metrics = None, []
         for _ in range(cfg.train.ppo_epochs):
             for i in range(cfg.train.mini_batches):
                 part = lambda x: x[i * n : (i + 1) * n]  # noqa: E731
                 self.state, m, d = self.update_fn(self.state, jax.tree.map(part, groups), jax.tree.map(part, loss_batch))
-                update_metrics.append(m)
+                metrics.append(m)
                 diag = d if diag is None else merge_diagnostics(diag, d)
         jax.block_until_ready(self.state.params)
-        t_update = time.time() - t1
-        self.state = self.state._replace(step=self.state.step + 1)
-        mask = batch.mask
-        valid_tokens = float(mask.sum())
-        drift = np.abs(np.asarray(old_logp) - batch.sampler_logp)[mask]
-        record = {
-            **finalize_diagnostics(batch_diag),
+        return {
             **finalize_diagnostics(diag),
-            "loss": float(np.mean([float(m["loss"]) for m in update_metrics])),
-            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in update_metrics])),
+            "loss": float(np.mean([float(m["loss"]) for m in metrics])),
+            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in metrics])),
             "skipped_updates": float(self.state.skipped),
+            "update_time_s": time.time() - t0,
+        }
+
+    def step(self) -> dict[str, float]:
+        """One RL step (rollout, then update); returns its metrics."""
+        t0 = time.time()
+        batch, groups, loss_batch, record = self.rollout()
+        record.update(self.update(groups, loss_batch))
+        self.state = self.state._replace(step=self.state.step + 1)
+        tokens = float(batch.mask.sum())
+        record.update({
             "reward": float(batch.rewards.mean()),
             "len_mean": float(batch.lengths.mean()),
             "len_max": float(batch.lengths.max()),
             "truncation_rate": float(batch.truncated.mean()),
-            "logp_drift_mean": float(drift.mean()) if drift.size else 0.0,
-            "logp_drift_max": float(drift.max()) if drift.size else 0.0,
-            "rollout_tokens_per_s": valid_tokens / max(t_rollout, 1e-9),
-            "update_tokens_per_s": valid_tokens * cfg.train.ppo_epochs / max(t_update, 1e-9),
+            "rollout_tokens_per_s": tokens / max(record["rollout_time_s"], 1e-9),
+            "update_tokens_per_s": tokens * self.cfg.train.ppo_epochs / max(record["update_time_s"], 1e-9),
             "step_time_s": time.time() - t0,
-            **stats,
-        }
+        })  # fmt: skip
         return record
 
     def run(self) -> dict[str, Any]:

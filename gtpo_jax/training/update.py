@@ -105,7 +105,7 @@ class StepFns:
             (grads, total, den, diag), _ = jax.lax.scan(accumulate, (g0, v0, d0, diag0), rest)
             scale = 1.0 / jnp.maximum(den, 1e-12)
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(grad_norm) & jnp.isfinite(total)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
