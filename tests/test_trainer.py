@@ -108,8 +108,10 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(tmp_path):
 
 def test_non_finite_gradient_is_skipped_and_counted(tmp_path):
     # Plain GRPO without dynamic sampling: every response token is in the loss, even untrained.
-    trainer = Trainer(tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0}))
+    cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 16})
+    trainer = Trainer(cfg)
     try:
+        trainer.warmup()  # some correct answers, so a normal update has a gradient
         _, groups, loss_batch, _ = trainer.rollout()
         before = jax.tree.map(np.asarray, trainer.state.params)
         valid = np.argwhere(np.asarray(loss_batch.mask) > 0)[0]
@@ -118,7 +120,7 @@ def test_non_finite_gradient_is_skipped_and_counted(tmp_path):
         assert metrics["skipped_updates"] == 1 and int(trainer.state.skipped) == 1
         assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, trainer.state.params)))
         record = trainer.step()  # training goes on
-        assert record["skipped_updates"] == 1 and np.isfinite(record["loss"])
+        assert record["skipped_updates"] == 1 and np.isfinite(record["loss"]) and record["grad_norm"] > 0
         assert not jax.tree.all(jax.tree.map(np.array_equal, before, jax.tree.map(np.asarray, trainer.state.params)))
     finally:
         trainer.close()
