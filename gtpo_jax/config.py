@@ -245,8 +245,9 @@ class Config:
                "expected 'char', 'hf' or 'sentencepiece'")  # fmt: skip
         _check(g >= 1, "loss", "group_size", g, "must be >= 1")
         if self.loss.max_response_len:
-            _check(self.loss.max_response_len == self.rollout.max_new_tokens, "loss", "max_response_len",
-                   self.loss.max_response_len, f"must equal rollout.max_new_tokens={self.rollout.max_new_tokens}")  # fmt: skip
+            limit = self.rollout.max_new_tokens
+            _check(self.loss.max_response_len == limit, "loss", "max_response_len", self.loss.max_response_len,
+                   f"must equal rollout.max_new_tokens={limit}")  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {

@@ -4,10 +4,10 @@ import re
 from pathlib import Path
 
 import pytest
+from train_helpers import ROOT, load_config_file
 
 from gtpo_jax.config import ConfigError, base_config, from_config_dict, from_dict, to_dict
 from gtpo_jax.losses import LossConfig
-from train_helpers import ROOT, load_config_file
 
 
 def test_unknown_fields_and_sections_name_the_closest():

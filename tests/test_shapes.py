@@ -5,13 +5,13 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import pytest
+from train_helpers import load_config_file
 
 from gtpo_jax.config import from_config_dict
 from gtpo_jax.models.presets import get_preset
 from gtpo_jax.models.sharding import abstract_model
 from gtpo_jax.training.state import init_state, make_optimizer
 from gtpo_jax.training.update import Groups, StepFns
-from train_helpers import load_config_file
 
 SDS = jax.ShapeDtypeStruct
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
+from train_helpers import tiny_config
 
 from gtpo_jax.data.sources import read_jsonl
 from gtpo_jax.training.loop import Trainer
-from train_helpers import tiny_config
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -25,8 +25,10 @@ def test_smollm2_gsm8k_config_runs_one_step(tmp_path):
         lines = [json.dumps({"question": r["prompt"], "answer": r["solution"]})
                  for r in itertools.islice(read_jsonl(GSM8K, "gsm8k"), 8)]  # fmt: skip
     else:  # GSM8K-format lines of our own
-        lines = [json.dumps({"question": f"Tom has {a} apples and buys {a + 1} more. How many now?",
-                             "answer": f"{a} + {a + 1} = {2 * a + 1}\n#### {2 * a + 1}"}) for a in range(1, 9)]  # fmt: skip
+        question = "Tom has {} apples and buys {} more. How many now?"
+        answer = "{0} + {1} = {2}\n#### {2}"
+        lines = [json.dumps({"question": question.format(a, a + 1), "answer": answer.format(a, a + 1, 2 * a + 1)})
+                 for a in range(1, 9)]  # fmt: skip
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("\n".join(lines) + "\n")
     overrides = {

@@ -73,17 +73,24 @@ def test_parquet_with_field_map_and_row_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}, {"question": "Half of 1,000?", "answer": "#### 500"}]
+    rows = [
+        {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
+        {"question": "Half of 1,000?", "answer": "#### 500"},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     records = list(read_parquet(tmp_path / "train.parquet", "gsm8k"))
     assert [r["answer"] for r in records] == ["5", "500"] and records[1]["id"] == "train-2"
     assert records[0]["solution"] == "2+3=5\n#### 5"
     pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "1"}, {"problem": None, "answer": "2"}]),
                    tmp_path / "null.parquet")  # fmt: skip
-    with pytest.raises(DataError, match=r"null\.parquet:row 2: missing field 'problem'; the record has fields \['answer'\]"):
+    with pytest.raises(
+        DataError, match=r"null\.parquet:row 2: missing field 'problem'; the record has fields \['answer'\]"
+    ):
         list(read_parquet(tmp_path / "null.parquet", "dapo"))
     pq.write_table(pa.Table.from_pylist([{"prob": "q", "sol": "3"}]), tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad\.parquet:row 1: missing field 'problem'; the record has fields \['prob', 'sol'\]"):
+    with pytest.raises(
+        DataError, match=r"bad\.parquet:row 1: missing field 'problem'; the record has fields \['prob', 'sol'\]"
+    ):
         list(read_parquet(tmp_path / "bad.parquet", "dapo"))
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(DataError, match=r"junk\.parquet: not a readable Parquet file"):
@@ -97,7 +104,10 @@ def test_tfds_data_source_decodes_bytes_and_maps_fields():
 
     def as_data_source(builder, split=None, **kwargs):
         seen["call"] = (builder.name, split)
-        return [{"question": b"Solve 24 = 4*x.", "answer": b"x = 6\n#### 6"}, {"question": b"1+1?", "answer": b"#### 2"}]
+        return [
+            {"question": b"Solve 24 = 4*x.", "answer": b"x = 6\n#### 6"},
+            {"question": b"1+1?", "answer": b"#### 2"},
+        ]
 
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         records = list(read_records("tfds", "math_dataset/algebra__linear_1d", "gsm8k", split="test"))

@@ -4,12 +4,12 @@ non-finite gradients, and checkpoints restored onto other meshes."""
 import json
 import signal
 import time
+from dataclasses import replace
 
 import jax
 import numpy as np
 import pytest
-
-from dataclasses import replace
+from train_helpers import cli, popen, tiny_config
 
 from gtpo_jax.config import section_fields, track_reads
 from gtpo_jax.models.sharding import make_mesh
@@ -17,7 +17,6 @@ from gtpo_jax.plot import plot
 from gtpo_jax.training.checkpoint import Checkpointer
 from gtpo_jax.training.loop import Trainer, load_data
 from gtpo_jax.training.state import make_optimizer
-from train_helpers import cli, popen, tiny_config
 
 
 def _params(run_dir, step):

@@ -262,7 +262,9 @@ class CharTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         # Ids outside the vocabulary (a model with a larger embedding) decode as U+FFFD.
         return "".join(
-            (self.alphabet[i - 2] if i - 2 < len(self.alphabet) else "\ufffd") if i >= 2 else (self.EOS if i == 1 else "")
+            (self.alphabet[i - 2] if i - 2 < len(self.alphabet) else "\ufffd")
+            if i >= 2
+            else (self.EOS if i == 1 else "")
             for i in ids
         )
 

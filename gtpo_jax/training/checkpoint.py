@@ -52,9 +52,7 @@ class Checkpointer:
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
         """Restores step `step` into the shapes, dtypes and shardings of `like` (arrays or abstract)."""
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like._asdict()
-        )
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like._asdict())
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -105,7 +104,11 @@ class Trainer:
         self.pool = RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)
         self.checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.metrics = None if for_eval else MetricsWriter(cfg.train.run_dir, cfg.train.steps)
-        self.score_fn, self.prepare_fn, self.update_fn = self.fns.score_fn(), self.fns.prepare_fn(), self.fns.update_fn()
+        self.score_fn, self.prepare_fn, self.update_fn = (
+            self.fns.score_fn(),
+            self.fns.prepare_fn(),
+            self.fns.update_fn(),
+        )
         self.ref_params = None
         self.meta: dict[str, Any] = {"config": to_dict(cfg)}
 
@@ -212,8 +215,9 @@ class Trainer:
         diag, metrics = None, []
         for _ in range(cfg.train.ppo_epochs):
             for i in range(cfg.train.mini_batches):
-                part = lambda x: x[i * n : (i + 1) * n]  # noqa: E731
-                self.state, m, d = self.update_fn(self.state, jax.tree.map(part, groups), jax.tree.map(part, loss_batch))
+                rows = slice(i * n, (i + 1) * n)
+                mini = jax.tree.map(lambda x, rows=rows: x[rows], (groups, loss_batch))
+                self.state, m, d = self.update_fn(self.state, *mini)
                 metrics.append(m)
                 diag = d if diag is None else merge_diagnostics(diag, d)
         jax.block_until_ready(self.state.params)

@@ -33,7 +33,9 @@ class TrainState(NamedTuple):
         return key
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int, learning_rate: float | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimSection, total_steps: int, learning_rate: float | None = None
+) -> optax.GradientTransformation:
     """AdamW with linear warm-up, constant or cosine decay, and global-norm clipping."""
     peak = cfg.learning_rate if learning_rate is None else learning_rate
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
