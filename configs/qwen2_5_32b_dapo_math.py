@@ -1,36 +1,25 @@
-"""The paper's setting: Qwen2.5-32B on DAPO-Math-17k, GTPO with the DAPO recipe, for TPU pod slices
-(v5p-128 or larger: 32B float32 parameters and AdamW state need ~0.5 TB of HBM; tensor=4 splits heads).
+"""The paper's setting at 32B: Qwen2.5-32B on DAPO-Math-17k, GTPO with the DAPO recipe.
 
     python -m gtpo_jax.train --config=configs/qwen2_5_32b_dapo_math.py \\
         --config.model.checkpoint=/ckpt/Qwen2.5-32B \\
         --config.data.path=dapo_math_17k/train.jsonl --config.data.test_path=aime24/test.jsonl
 
-DAPO-style (arXiv 2503.14476, the paper's baseline and training recipe): G = 16 responses per
-prompt, clip 0.2 / 0.28, token-mean loss, no KL, dynamic sampling, overlong reward shaping over
-the last 4096 of 20480 response tokens, AdamW 1e-6 with 10 warm-up steps, 16 optimiser steps per
-rollout batch of 512 prompts. `--config.loss.algorithm=grpo_s|dapo|grpo` swaps the algorithm.
+Everything as in `qwen2_5_7b_dapo_math.py` except the model, twice the gradient accumulation,
+and 4-way tensor parallelism: a v5p-128 slice or larger (float32 parameters plus AdamW state
+and gradients need about 0.5 TB of HBM).
 """
 
-from gtpo_jax.config import base_config
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("qwen2_5_7b", Path(__file__).with_name("qwen2_5_7b_dapo_math.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
 
 
 def get_config():
-    c = base_config()
-    c.model.update(preset="qwen2_5_32b", checkpoint="checkpoints/Qwen2.5-32B", param_dtype="float32",
-                   dtype="bfloat16", remat=True, token_chunk=2048, vocab_chunk=16384)  # fmt: skip
-    c.tokenizer.update(kind="hf", chat_template="chatml")
-    c.data.update(source="jsonl", path="data/dapo_math_17k/train.jsonl", test_path="data/aime24/test.jsonl",
-                  fields="dapo", max_prompt_tokens=2048,
-                  prompt_suffix='\n\nRemember to put your answer on its own line after "Answer:".')  # fmt: skip
-    c.rollout.update(max_new_tokens=20480, temperature=1.0, top_p=1.0, prompt_buckets=(512, 1024, 2048),
-                     max_refill_rounds=3)  # fmt: skip
-    c.reward.update(name="dapo", num_workers=32, timeout_s=10.0)
-    c.loss.update(algorithm="gtpo", group_size=16, eps_low=0.2, eps_high=0.28, loss_agg="token_mean", kl_coef=0.0,
-                  dynamic_sampling=True, overlong_buffer_len=4096, overlong_penalty=1.0,
-                  max_response_len=20480)  # fmt: skip
-    c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
-    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batches=16,
-                   run_dir="runs/qwen2_5_32b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip
-    c.eval.update(every=20, num_prompts=30, samples=32, temperature=1.0)
+    c = _base.get_config()
+    c.model.update(preset="qwen2_5_32b", checkpoint="checkpoints/Qwen2.5-32B")
+    c.train.update(micro_batches=16, run_dir="runs/qwen2_5_32b_dapo_math")
     c.mesh.update(data=1, fsdp=-1, tensor=4)
     return c
