@@ -322,6 +322,21 @@ def base_config() -> Any:
     return root
 
 
+def check_overrides(argv: list[str], flag: str = "config") -> None:
+    """Rejects `--config.section.field=...` arguments naming no field, before absl parses them,
+    with the closest valid name (absl would raise a bare AttributeError with a traceback)."""
+    base = base_config()
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        path = arg[len(flag) + 3 :].split("=", 1)[0].split(".")
+        if len(path) != 2 or path[0] not in base:
+            known = [f"{s}.{k}" for s in base for k in base[s]]
+            raise ConfigError(f"unknown config field {'.'.join(path)}{_closest('.'.join(path), known)}")
+        if path[1] not in base[path[0]]:
+            raise ConfigError(f"unknown config field {'.'.join(path)}{_closest(path[1], list(base[path[0]]))}")
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """JSON-able resolved config (recipe defaults filled in); saved with every checkpoint."""
 

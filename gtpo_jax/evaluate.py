@@ -90,4 +90,12 @@ if __name__ == "__main__":
     _SAMPLES = flags.DEFINE_integer("samples", 0, "Samples per prompt, k (default: eval.samples).")
     _PROMPTS = flags.DEFINE_integer("prompts", 0, "Held-out prompts (default: eval.num_prompts).")
     flags.mark_flags_as_required(["config"])
+    import sys
+
+    from gtpo_jax.config import ConfigError, check_overrides
+
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     app.run(main)

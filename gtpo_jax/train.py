@@ -41,4 +41,12 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from gtpo_jax.config import ConfigError, check_overrides
+
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     app.run(main)

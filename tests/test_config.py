@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from train_helpers import ROOT, load_config_file
 
-from gtpo_jax.config import ConfigError, base_config, from_config_dict, from_dict, to_dict
+from gtpo_jax.config import ConfigError, base_config, check_overrides, from_config_dict, from_dict, to_dict
 from gtpo_jax.losses import LossConfig
 
 
@@ -23,6 +23,20 @@ def test_unknown_fields_and_sections_name_the_closest():
         from_dict({"train": {"prompts_per_step": 6, "mini_batches": 4}})
     with pytest.raises(ConfigError, match=r"optim\.schedule='linear': expected 'constant' or 'cosine'"):
         from_dict({"optim": {"schedule": "linear"}})
+
+
+def test_command_line_overrides_are_checked_before_absl():
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "gtpo_jax.train", "--config=configs/default.py", "--config.train.stepz=3"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: unknown config field train.stepz; did you mean 'steps'?"
+    )
+    check_overrides(["--config.loss.eps_high=0.3", "--config=x.py", "--other=1"])  # fine
+    with pytest.raises(ConfigError, match=r"unknown config field trian\.steps; did you mean 'train\.steps'\?"):
+        check_overrides(["--config.trian.steps=3"])
 
 
 def test_swapping_the_algorithm_changes_only_the_recipe():
