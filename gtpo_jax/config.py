@@ -204,6 +204,8 @@ class MeshSection(_Tracked):
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    # Multi-slice: data-parallel replicas across this many TPU slices (data-center network).
+    dcn_data: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,13 +10,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.mark_flags_as_required(["config"])
+# Multi-process runs outside TPU VMs (GPU nodes, CPU tests); TPU VM slices need none of these.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id, 0..num_processes-1.")
 
 
 def main(argv: list[str]) -> None:
@@ -25,10 +28,10 @@ def main(argv: list[str]) -> None:
     import jax
 
     from gtpo_jax.config import from_config_dict
+    from gtpo_jax.parallel.mesh import initialize
     from gtpo_jax.training.loop import Trainer
 
-    if os.environ.get("GTPO_JAX_COORDINATOR"):  # multi-process runs (see launch/README.md)
-        jax.distributed.initialize()
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cfg = from_config_dict(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)
     trainer = Trainer(cfg)

@@ -24,13 +24,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from gtpo_jax.training.state import TrainState
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 2):
-        self.directory = Path(directory).absolute()
+        # Local paths, or URLs such as gs://bucket/run that every host of a pod slice can reach.
+        d = str(directory)
+        self.directory = epath.Path(d) if "://" in d else epath.Path(Path(d).absolute())
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -71,9 +74,7 @@ class Checkpointer:
         with ocp.StandardCheckpointer() as ckptr:
             if save:
                 if path.exists():
-                    import shutil
-
-                    shutil.rmtree(path)
+                    path.rmtree()
                 ckptr.save(path, params)
                 ckptr.wait_until_finished()
                 return params

@@ -15,7 +15,6 @@ produces bit-identical parameters to one that never stopped (tested on CPU).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,8 +29,9 @@ from gtpo_jax.data.tokenizer import load_tokenizer
 from gtpo_jax.evaluate import evaluate_policy
 from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
 from gtpo_jax.models import presets
-from gtpo_jax.models.sharding import abstract_model, batch_sharding, create_sharded, make_mesh
+from gtpo_jax.models.sharding import abstract_model, batch_sharding, create_sharded
 from gtpo_jax.models.weights import load_hf
+from gtpo_jax.parallel.mesh import mesh_from_config
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rollout.sampler import Sampler, SamplingConfig
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
@@ -63,7 +63,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, *, mesh=None, for_eval: bool = False):
         self.cfg = cfg
-        self.mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh = mesh or mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data)
         m, t = cfg.model, cfg.tokenizer
         tok_path = t.path or m.checkpoint
         self.tok = load_tokenizer(t.kind, tok_path)
@@ -102,7 +102,9 @@ class Trainer:
         r = cfg.reward
         options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
         self.pool = RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)
-        self.checkpointer = Checkpointer(Path(cfg.train.run_dir) / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.checkpointer = Checkpointer(
+            f"{cfg.train.run_dir.rstrip('/')}/checkpoints", keep=cfg.train.keep_checkpoints
+        )
         self.metrics = None if for_eval else MetricsWriter(cfg.train.run_dir, cfg.train.steps)
         self.score_fn, self.prepare_fn, self.update_fn = (
             self.fns.score_fn(),
@@ -155,7 +157,7 @@ class Trainer:
 
     def restore(self, step: int | None = None, directory: str | None = None) -> int | None:
         """Loads `step` (default: latest) onto this trainer's mesh; returns the step, or None if none."""
-        ckpt = Checkpointer(Path(directory) / "checkpoints") if directory else self.checkpointer
+        ckpt = Checkpointer(f"{directory.rstrip('/')}/checkpoints") if directory else self.checkpointer
         step = ckpt.latest_step() if step is None else step
         if step is None:
             return None

@@ -32,6 +32,9 @@ class MetricsWriter:
         self.tb = None
         if not self.enabled:
             return
+        if "://" in str(run_dir):  # checkpoints go to the bucket; appendable files stay on this host
+            run_dir = Path.home() / "gtpo_jax_logs" / str(run_dir).rstrip("/").rsplit("/", 1)[-1]
+            print(f"metrics: writing metrics.jsonl and TensorBoard events to {run_dir}", file=self.stream)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Multi-process JAX: distributed initialisation and the device mesh of a run."""
