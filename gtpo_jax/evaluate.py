@@ -20,6 +20,7 @@ import numpy as np
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rollout.sampler import Sampler, SamplingConfig
+from gtpo_jax.training.collect import score_rollout, to_rows
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,6 +43,7 @@ def evaluate_policy(
     sampling: SamplingConfig,
     success_threshold: float = 0.5,
     chunk: int = 64,
+    put: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> dict[str, float]:
     """`{"avg@k", "pass@1", "pass@k", "prompts"}` over `records`, `k = sampling.group_size`."""
     k = sampling.group_size
@@ -52,11 +54,9 @@ def evaluate_policy(
         part = list(records[start : start + chunk])
         real = len(part)
         part += [part[-1]] * (chunk - real)  # one compiled shape for every chunk
-        rollout, _, _ = sampler(model, [encode(r) for r in part], jax.random.fold_in(key, start))
-        tokens, mask = np.asarray(rollout.tokens)[:real], np.asarray(rollout.mask)[:real]
-        completions = [tok.decode(tokens[p, g][mask[p, g]]) for p in range(real) for g in range(k)]
-        scores = pool.score([r for r in part[:real] for _ in range(k)], completions)
-        correct = np.asarray([s > success_threshold for s, _ in scores]).reshape(real, k)
+        rollout, _, _ = sampler(model, [encode(r) for r in part], jax.random.fold_in(key, start), put=put)
+        rewards = score_rollout(to_rows(rollout), part, tok, pool)  # each process scores its own rows
+        correct = (rewards > success_threshold)[:real]
         correct_counts += [int(c) for c in correct.sum(axis=1)]
     n = len(correct_counts)
     return {

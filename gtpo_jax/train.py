@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config"])
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's id, 0..num_processes-1.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100, "Fail when a peer process is silent this long.")
 
 
 def main(argv: list[str]) -> None:
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
     from gtpo_jax.parallel.mesh import initialize
     from gtpo_jax.training.loop import Trainer
 
-    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
     cfg = from_config_dict(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)
     trainer = Trainer(cfg)

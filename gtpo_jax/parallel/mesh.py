@@ -29,17 +29,27 @@ def on_multihost_tpu_vm() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-    """Starts multi-process JAX when asked (explicit coordinator) or on a multi-host TPU slice."""
+def initialize(
+    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, heartbeat_timeout_s: int = 100
+) -> None:
+    """Starts multi-process JAX when asked (explicit coordinator) or on a multi-host TPU slice.
+
+    A process that stops answering for `heartbeat_timeout_s` makes the others fail with an error
+    (instead of waiting forever in a collective).
+    """
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise ValueError(
                 f"--coordinator_address={coordinator_address} needs --num_processes >= 1 and "
                 f"0 <= --process_id < num_processes; got {num_processes} and {process_id}"
             )
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        # CPU processes (tests, CPU clusters) need a cross-process collectives backend.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_s
+        )
     elif on_multihost_tpu_vm():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     else:
         return
     logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),

@@ -199,9 +199,14 @@ class Sampler:
         self.compiled_shapes: set[tuple[int, int]] = set()
 
     def __call__(
-        self, model: Transformer, prompts: Sequence[Sequence[int]], key: Array
+        self, model: Transformer, prompts: Sequence[Sequence[int]], key: Array, *, put=None
     ) -> tuple[Rollout, np.ndarray, np.ndarray]:
-        """Returns the rollout and the padded prompts `(tokens, valid)` it was drawn from."""
+        """Returns the rollout and the padded prompts `(tokens, valid)` it was drawn from.
+
+        `put` places the padded prompt arrays on devices (default `jnp.asarray`); a trainer on a
+        mesh passes one that splits them over the batch axes (and builds global arrays when it
+        runs as several processes).
+        """
         tokens, valid = pad_prompts(prompts, self.cfg.prompt_buckets, self.cfg.pad_id)
         shape = tokens.shape
         if shape not in self.compiled_shapes:
@@ -210,4 +215,5 @@ class Sampler:
                 "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)",
                 shape[0], shape[1], self.cfg.group_size, self.cfg.max_new_tokens, len(self.compiled_shapes),
             )  # fmt: skip
-        return sample(model, jnp.asarray(tokens), jnp.asarray(valid), key, self.cfg), tokens, valid
+        put = jnp.asarray if put is None else put
+        return sample(model, put(tokens), put(valid), key, self.cfg), tokens, valid

@@ -5,54 +5,45 @@ Host-side glue around the jitted sampler (`rollout/sampler.py`) and the reward p
 (decided on the verifier's correctness, not on a shaped reward) are set aside and new prompts
 are drawn, at most `max_refill_rounds` extra rounds; if the batch is still short, uninformative
 groups fill it (the loss gives them zero weight) and the shortfall is logged and counted.
+
+Multi-process runs: every process holds the step's prompt records (text, small) and the same
+padded prompt ids; the rollout itself (`tokens`, `mask`, `logp`: `[P, G, T]`) stays in global
+device arrays split over the batch axes and is never gathered on a host. Each process decodes
+and scores only the rows on its own devices (`score_rollout`); the `[P, G]` rewards, lengths and
+finish flags are then shared with every process (a few bytes a response), so all processes take
+the same dynamic-sampling decisions. One process or many, the step computes the same thing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.rewards.pool import RewardPool
-from gtpo_jax.rollout.sampler import FINISH_LENGTH, Sampler, pad_prompts
+from gtpo_jax.rollout.sampler import FINISH_LENGTH, Rollout, Sampler, pad_prompts
 
 
 @dataclasses.dataclass
 class GroupBatch:
-    """P groups on the host (numpy), ready to be put on devices."""
+    """P groups: device arrays for the rollout, host arrays (the same on every process) for the rest."""
 
     records: list[dict[str, Any]]
     prompt_ids: list[list[int]]
-    tokens: np.ndarray  # [P, G, T]
-    mask: np.ndarray  # [P, G, T] bool
-    sampler_logp: np.ndarray  # [P, G, T]
+    tokens: jax.Array  # [P, G, T] global
+    mask: jax.Array  # [P, G, T] global
+    sampler_logp: jax.Array  # [P, G, T] global
     lengths: np.ndarray  # [P, G]
     truncated: np.ndarray  # [P, G] bool
     rewards: np.ndarray  # [P, G]
-    completions: list[list[str]]
-
-    def take(self, rows: Sequence[int]) -> GroupBatch:
-        rows = list(rows)
-        pick = lambda a: a[rows]  # noqa: E731
-        return GroupBatch(
-            [self.records[i] for i in rows], [self.prompt_ids[i] for i in rows], pick(self.tokens),
-            pick(self.mask), pick(self.sampler_logp), pick(self.lengths), pick(self.truncated),
-            pick(self.rewards), [self.completions[i] for i in rows],
-        )  # fmt: skip
-
-    @staticmethod
-    def concat(parts: Sequence[GroupBatch]) -> GroupBatch:
-        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
-        return GroupBatch(
-            sum((p.records for p in parts), []), sum((p.prompt_ids for p in parts), []), cat("tokens"),
-            cat("mask"), cat("sampler_logp"), cat("lengths"), cat("truncated"), cat("rewards"),
-            sum((p.completions for p in parts), []),
-        )  # fmt: skip
 
     def padded_prompts(self, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         return pad_prompts(self.prompt_ids, buckets, pad_id)
@@ -65,6 +56,57 @@ def render_prompt(tok: Tokenizer, record: dict[str, Any], *, template: str, syst
     return tok.render_chat(messages, template=template)
 
 
+def _rows_sharding(x: jax.Array) -> NamedSharding | None:
+    mesh = getattr(x.sharding, "mesh", None)
+    if mesh is None:
+        return None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    spec = PartitionSpec(("data", "fsdp")) if x.shape[0] % shards == 0 else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+
+def to_rows(tree: Any) -> Any:
+    """Global arrays laid out with their leading axis split over the batch axes (if it divides)."""
+    return jax.tree.map(lambda x: x if _rows_sharding(x) is None else jax.device_put(x, _rows_sharding(x)), tree)
+
+
+def local_rows(x: jax.Array) -> dict[int, np.ndarray]:
+    """The rows (leading axis) this process holds, by global row index."""
+    out: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        data = np.asarray(shard.data)
+        for i in range(data.shape[0]):
+            out.setdefault(start + i, data[i])
+    return out
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+    """`[n_processes, ...]` of a host array (the array itself in a single-process run)."""
+    if jax.process_count() == 1:
+        return x[None]
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def score_rollout(
+    rollout: Rollout, records: Sequence[dict[str, Any]], tok: Tokenizer, pool: RewardPool
+) -> np.ndarray:
+    """`[P, G]` rewards on every process; each process scores only the groups on its devices
+    (a group held by several processes is scored by the first of them)."""
+    tokens, mask = local_rows(rollout.tokens), local_rows(rollout.mask)
+    P, G = rollout.tokens.shape[:2]
+    held = np.zeros(P, bool)
+    held[list(tokens)] = True
+    holders = allgather(held)
+    mine = [p for p in range(P) if held[p] and not holders[: jax.process_index(), p].any()]
+    completions = [tok.decode(tokens[p][g][mask[p][g]]) for p in mine for g in range(G)]
+    scores = pool.score([records[p] for p in mine for _ in range(G)], completions)
+    local = np.zeros((P, G), np.float32)
+    if mine:
+        local[mine] = np.asarray([s for s, _ in scores], np.float32).reshape(len(mine), G)
+    return allgather(local).sum(axis=0)
+
+
 def sample_groups(
     sampler: Sampler,
     model: Any,
@@ -73,19 +115,35 @@ def sample_groups(
     records: list[dict[str, Any]],
     prompt_ids: list[list[int]],
     key: jax.Array,
+    put: Callable[[np.ndarray], jax.Array],
 ) -> GroupBatch:
     """Draws G responses per prompt and scores them."""
-    rollout, _, _ = sampler(model, prompt_ids, key)
-    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-    P, G, _ = tokens.shape
-    completions = [[tok.decode(tokens[p, g][mask[p, g]]) for g in range(G)] for p in range(P)]
-    flat_records = [records[p] for p in range(P) for _ in range(G)]
-    scores = pool.score(flat_records, [c for row in completions for c in row])
-    rewards = np.asarray([s for s, _ in scores], np.float32).reshape(P, G)
+    rollout, _, _ = sampler(model, prompt_ids, key, put=put)
+    rollout = to_rows(rollout)
+    small = multihost_utils.process_allgather((rollout.lengths, rollout.finish_reason), tiled=True)
+    lengths, finish = (np.asarray(a) for a in small)
     return GroupBatch(
-        records, prompt_ids, tokens, mask, np.asarray(rollout.logp), np.asarray(rollout.lengths),
-        np.asarray(rollout.finish_reason) == FINISH_LENGTH, rewards, completions,
+        records, prompt_ids, rollout.tokens, rollout.mask, rollout.logp, lengths, finish == FINISH_LENGTH,
+        score_rollout(rollout, records, tok, pool),
     )  # fmt: skip
+
+
+@jax.jit
+def _take_rows(arrays: tuple[jax.Array, ...], rows: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(jnp.take(jnp.concatenate(parts), rows, axis=0) for parts in zip(*arrays, strict=True))
+
+
+def select(parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
+    """The groups `(part, row)` of `parts`, in that order; rollout rows move between devices only."""
+    offsets = np.cumsum([0] + [len(p.records) for p in parts])
+    flat = np.asarray([offsets[i] + r for i, r in rows], np.int32)
+    device = _take_rows(tuple((p.tokens, p.mask, p.sampler_logp) for p in parts), flat)
+    tokens, mask, logp = to_rows(device)
+    pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
+    records = sum((p.records for p in parts), [])
+    ids = sum((p.prompt_ids for p in parts), [])
+    return GroupBatch([records[i] for i in flat], [ids[i] for i in flat], tokens, mask, logp,
+                      pick("lengths"), pick("truncated"), pick("rewards"))  # fmt: skip
 
 
 def collect(
@@ -101,36 +159,30 @@ def collect(
     dynamic_sampling: bool,
     max_refill_rounds: int,
     success_threshold: float,
+    put: Callable[[np.ndarray], jax.Array],
 ) -> tuple[GroupBatch, dict[str, float]]:
     """One rollout batch of exactly `num_prompts` groups, and collection statistics."""
-    kept: list[GroupBatch] = []
-    spare: list[GroupBatch] = []
-    have, rounds, sampled = 0, 0, 0
+    parts: list[GroupBatch] = []
+    kept: list[tuple[int, int]] = []
+    spare: list[tuple[int, int]] = []
+    rounds = sampled = 0
     for rounds in range(max_refill_rounds + 1 if dynamic_sampling else 1):
         records = next(batches)
-        part = sample_groups(
-            sampler, model, tok, pool, records, [encode(r) for r in records], jax.random.fold_in(key, rounds)
-        )
+        part = sample_groups(sampler, model, tok, pool, records, [encode(r) for r in records],
+                             jax.random.fold_in(key, rounds), put)  # fmt: skip
+        parts.append(part)
         sampled += len(records)
-        if not dynamic_sampling:
-            kept.append(part)
-            have = len(records)
-            break
         correct = part.rewards > success_threshold
         informative = correct.any(axis=1) & ~correct.all(axis=1)
-        kept.append(part.take(np.flatnonzero(informative)))
-        spare.append(part.take(np.flatnonzero(~informative)))
-        have += int(informative.sum())
-        if have >= num_prompts:
+        for row in range(len(records)):
+            (kept if informative[row] or not dynamic_sampling else spare).append((rounds, row))
+        if len(kept) >= num_prompts:
             break
-    batch = GroupBatch.concat(kept)
-    informative_groups = min(have, num_prompts)
-    if batch.tokens.shape[0] < num_prompts:
-        short = num_prompts - batch.tokens.shape[0]
+    informative_groups = min(len(kept), num_prompts) if dynamic_sampling else num_prompts
+    if len(kept) < num_prompts:
         logging.info("dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
-                     batch.tokens.shape[0], rounds + 1, short)  # fmt: skip
-        batch = GroupBatch.concat([batch, GroupBatch.concat(spare).take(range(short))])
-    batch = batch.take(range(num_prompts))
+                     len(kept), rounds + 1, num_prompts - len(kept))  # fmt: skip
+    batch = select(parts, (kept + spare)[:num_prompts])
     stats = {
         "sampling_rounds": float(rounds + 1),
         "prompts_sampled": float(sampled),

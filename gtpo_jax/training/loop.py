@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -96,8 +97,9 @@ class Trainer:
             self.train_records,
             PipelineConfig(batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed,
                            max_prompt_tokens=cfg.data.max_prompt_tokens),
+            # Every process walks the same global order and holds the step's records (small text);
+            # the rollout itself is split over the processes' devices (training/collect.py).
             prompt_tokens=lambda r: len(self.encode(r)),
-            process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
         r = cfg.reward
         options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
@@ -133,14 +135,15 @@ class Trainer:
         return self._encoded[key]
 
     def _put(self, tree: Any) -> Any:
-        """Batch arrays onto the mesh: leading axis split over the batch axes when it divides."""
+        """Host arrays (the same on every process) onto the mesh: the leading axis split over the
+        batch axes when it divides, else replicated. Each device receives only its slice."""
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
         def put(x):
             x = np.asarray(x)
-            sharding = (batch_sharding(self.mesh, x.ndim) if x.shape[0] % shards == 0
-                        else NamedSharding(self.mesh, PartitionSpec()))  # fmt: skip
-            return jax.device_put(x, sharding)
+            split = x.ndim > 0 and x.shape[0] % shards == 0
+            sharding = batch_sharding(self.mesh, x.ndim) if split else NamedSharding(self.mesh, PartitionSpec())
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
         return jax.tree.map(put, tree)
 
@@ -186,7 +189,8 @@ class Trainer:
         sampling = SamplingConfig(**{**self.sampling.__dict__, "group_size": samples, "temperature": e.temperature})
         key = jax.random.fold_in(jax.random.wrap_key_data(self.state.rng), 1_000_003)  # same prompts, same draws
         return evaluate_policy(self.fns.model(self.state.params), self.tok, self.pool, records, self.encode, key,
-                               sampling=sampling, success_threshold=self.cfg.loss.success_threshold)  # fmt: skip
+                               sampling=sampling, success_threshold=self.cfg.loss.success_threshold,
+                               put=self._put)  # fmt: skip
 
     def rollout(self) -> tuple[Any, Groups, Any, dict[str, Any]]:
         """Collects this step's groups and makes the loss batch: `(host batch, groups, loss batch, info)`."""
@@ -195,18 +199,17 @@ class Trainer:
             self.sampler, self.fns.model(self.state.params), self.tok, self.pool, self.pipeline, self.encode,
             self.state.key(0), num_prompts=cfg.train.prompts_per_step,
             dynamic_sampling=cfg.loss.dynamic_sampling, max_refill_rounds=cfg.rollout.max_refill_rounds,
-            success_threshold=cfg.loss.success_threshold,
+            success_threshold=cfg.loss.success_threshold, put=self._put,
         )  # fmt: skip
         stats["rollout_time_s"] = time.time() - t0
-        prompts, valid = batch.padded_prompts(cfg.rollout.prompt_buckets, self.tok.pad_id)
-        groups = self._put(Groups(prompts, valid, batch.tokens, batch.mask))
+        prompts, valid = self._put(batch.padded_prompts(cfg.rollout.prompt_buckets, self.tok.pad_id))
+        groups = Groups(prompts, valid, batch.tokens, batch.mask)
         old_logp, entropy = self.score_fn(self.state.params, groups)
         ref_logp = self.score_fn(self.ref_params, groups)[0] if self.ref_params is not None else None
         host = self._put((batch.rewards, batch.lengths, batch.truncated))
         loss_batch, batch_diag = self.prepare_fn(host[0], groups, old_logp, entropy, host[1], host[2], ref_logp)
-        drift = np.abs(np.asarray(old_logp) - batch.sampler_logp)[batch.mask]
-        stats["logp_drift_mean"] = float(drift.mean()) if drift.size else 0.0
-        stats["logp_drift_max"] = float(drift.max()) if drift.size else 0.0
+        drift_mean, drift_max = _drift(old_logp, batch.sampler_logp, batch.mask)
+        stats["logp_drift_mean"], stats["logp_drift_max"] = float(drift_mean), float(drift_max)
         stats.update(finalize_diagnostics(batch_diag))
         return batch, groups, loss_batch, stats
 
@@ -237,7 +240,7 @@ class Trainer:
         batch, groups, loss_batch, record = self.rollout()
         record.update(self.update(groups, loss_batch))
         self.state = self.state._replace(step=self.state.step + 1)
-        tokens = float(batch.mask.sum())
+        tokens = float(batch.lengths.sum())
         record.update({
             "reward": float(batch.rewards.mean()),
             "len_mean": float(batch.lengths.mean()),
@@ -298,6 +301,13 @@ class Trainer:
         self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+@jax.jit
+def _drift(old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean and max |trainer log-prob - sampler log-prob| over response tokens."""
+    diff = jnp.where(mask, jnp.abs(old_logp - sampler_logp), 0.0)
+    return jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1), jnp.max(diff)
 
 
 def _fmt(result: dict[str, float]) -> str:

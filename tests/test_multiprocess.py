@@ -1,0 +1,100 @@
+"""Multi-process training on one machine: 2 processes x 4 CPU devices (jax.distributed with a
+coordinator on 127.0.0.1 and gloo collectives) against 1 process x 8 devices.
+
+Marked slow (about two minutes); CI runs them after the default suite (README's test command)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from train_helpers import ROOT, cli, tiny_config
+
+from gtpo_jax.training.loop import Trainer
+
+SETTINGS = {"train.prompts_per_step": 8, "train.checkpoint_every": 1, "train.keep_checkpoints": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir, logs, extra=(), **settings):
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = []
+    for pid in range(2):
+        args = cli(run_dir, **settings) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                           f"--process_id={pid}", *extra]  # fmt: skip
+        log = open(logs / f"proc{pid}.log", "w")
+        procs.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
+    return procs
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)
+
+
+def _params(run_dir, step):
+    with ocp.StandardCheckpointer() as ckptr:
+        return _str_keys(ckptr.restore(run_dir / "checkpoints" / str(step) / "state")["params"])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    trainer = Trainer(tiny_config(one, **SETTINGS))
+    trainer.run()
+    trainer.close()
+    procs = _start(two, tmp_path, **SETTINGS)
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0, 0], (tmp_path / "proc0.log").read_text()[-3000:] + (tmp_path / "proc1.log").read_text()[-3000:]
+    restored = Trainer(tiny_config(two, **SETTINGS), for_eval=True)  # a 1-process run restores it
+    assert restored.restore() == 2
+    a, b = _params(one, 2), _str_keys(restored.state.params)
+    restored.close()
+    # The same rollouts (rewards and lengths of every step agree exactly) and the same losses up to
+    # float32 reduction order (gloo all-reduce across processes vs. in-process reductions).
+    metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+               for r in (one, two)]  # fmt: skip
+    for x, y in zip(*metrics, strict=True):
+        assert (x["reward"], x["len_mean"], x["informative_groups"]) == (
+            y["reward"],
+            y["len_mean"],
+            y["informative_groups"],
+        )
+        assert abs(x["loss"] - y["loss"]) <= 1e-6
+    # Parameters: nearly every entry agrees to 1e-5. AdamW's first steps move a parameter by about
+    # +-lr whatever its gradient's size, so a gradient of ~0 whose sign depends on reduction order
+    # can differ by up to 2 * lr per update; that bounds the rest.
+    diffs = np.concatenate([np.abs(x - y).ravel() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)])
+    lr = tiny_config(one).optim.learning_rate
+    print(f"params: max |diff| {diffs.max():.3g}, entries within 1e-5: {np.mean(diffs < 1e-5):.5f}")
+    assert np.mean(diffs < 1e-5) > 0.99 and diffs.max() <= 2 * lr * 2 + 1e-4
+    assert not jax.tree.all(jax.tree.map(np.array_equal, a, _params(one, 0)))  # two real updates happened
+    steps = [line for line in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 2  # process 0 alone writes metrics
+
+
+@pytest.mark.slow
+def test_when_one_process_dies_the_other_stops_with_an_error(tmp_path):
+    procs = _start(tmp_path / "run", tmp_path, ["--heartbeat_timeout_s=10"], **{**SETTINGS, "train.steps": 10_000})
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "1").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    code = procs[0].wait(timeout=120)
+    assert code != 0 and time.time() - killed_at < 120
+    log = (tmp_path / "proc0.log").read_text()
+    assert any(word in log for word in ("heartbeat", "Heartbeat", "disconnected", "DEADLINE", "UNAVAILABLE")), log[
+        -3000:
+    ]
