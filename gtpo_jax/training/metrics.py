@@ -30,6 +30,7 @@ class MetricsWriter:
         self.start = time.time()
         self.first_step: int | None = None
         self.tb = None
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         if not self.enabled:
             return
         if "://" in str(run_dir):  # checkpoints go to the bucket; appendable files stay on this host
@@ -70,11 +71,15 @@ class MetricsWriter:
         values = "  ".join(f"{k} {record[k]:.3g}" for k in keys if k in record)
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}%"
                 f"  elapsed {_fmt_time(elapsed)}  eta {_fmt_time(eta)}  {values}")  # fmt: skip
-        print(line, file=self.stream, flush=True)
+        if self._tty:  # one line redrawn in place; a newline every 10% keeps a trace in the scrollback
+            keep = step == self.total or step % max(self.total // 10, 1) == 0
+            print(f"\r\033[K{line}", end="\n" if keep else "", file=self.stream, flush=True)
+        else:  # logs and pipes get one line per step
+            print(line, file=self.stream, flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
-            print(text, file=self.stream, flush=True)
+            print(("\r\033[K" if self._tty else "") + text, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.enabled:
