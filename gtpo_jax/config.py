@@ -339,6 +339,14 @@ def check_overrides(argv: list[str], flag: str = "config") -> None:
             raise ConfigError(f"unknown config field {'.'.join(path)}{_closest(path[1], list(base[path[0]]))}")
 
 
+def exit_on_unknown_overrides(argv: list[str]) -> None:
+    """`check_overrides` for a CLI's `__main__`: a one-line error and exit status 1, no traceback."""
+    try:
+        check_overrides(argv)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """JSON-able resolved config (recipe defaults filled in); saved with every checkpoint."""
 

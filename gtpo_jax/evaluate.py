@@ -92,10 +92,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
     import sys
 
-    from gtpo_jax.config import ConfigError, check_overrides
+    from gtpo_jax.config import exit_on_unknown_overrides
 
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    exit_on_unknown_overrides(sys.argv[1:])
     app.run(main)

@@ -47,10 +47,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     import sys
 
-    from gtpo_jax.config import ConfigError, check_overrides
+    from gtpo_jax.config import exit_on_unknown_overrides
 
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    exit_on_unknown_overrides(sys.argv[1:])
     app.run(main)

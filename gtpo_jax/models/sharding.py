@@ -131,3 +131,11 @@ def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0, rules: Rules = D
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Leading (batch) dimension split over the batch axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(_mesh_axes(rules["batch"]), *([None] * (ndim - 1))))
+
+
+def rows_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """`batch_sharding` when the batch axes divide the leading dimension, else replicated."""
+    width = int(np.prod([mesh.shape[a] for a in _mesh_axes(rules["batch"])]))
+    if len(shape) > 0 and shape[0] % width == 0:
+        return batch_sharding(mesh, len(shape), rules)
+    return NamedSharding(mesh, PartitionSpec())

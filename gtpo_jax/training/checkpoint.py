@@ -29,6 +29,11 @@ from etils import epath
 from gtpo_jax.training.state import TrainState
 
 
+def _abstract(tree: Any) -> Any:
+    """Shape, dtype and sharding of each leaf: the target a checkpoint is restored into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, *, keep: int = 2):
         # Local paths, or URLs such as gs://bucket/run that every host of a pod slice can reach.
@@ -55,7 +60,7 @@ class Checkpointer:
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
         """Restores step `step` into the shapes, dtypes and shardings of `like` (arrays or abstract)."""
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like._asdict())
+        target = _abstract(like._asdict())
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -78,8 +83,7 @@ class Checkpointer:
                 ckptr.save(path, params)
                 ckptr.wait_until_finished()
                 return params
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-            return ckptr.restore(path, target)
+            return ckptr.restore(path, _abstract(params))
 
     def close(self) -> None:
         self.manager.close()

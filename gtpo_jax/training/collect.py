@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gtpo_jax.data.tokenizer import Tokenizer
+from gtpo_jax.models.sharding import rows_sharding
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rollout.sampler import FINISH_LENGTH, Rollout, Sampler, pad_prompts
 
@@ -56,18 +56,14 @@ def render_prompt(tok: Tokenizer, record: dict[str, Any], *, template: str, syst
     return tok.render_chat(messages, template=template)
 
 
-def _rows_sharding(x: jax.Array) -> NamedSharding | None:
-    mesh = getattr(x.sharding, "mesh", None)
-    if mesh is None:
-        return None
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    spec = PartitionSpec(("data", "fsdp")) if x.shape[0] % shards == 0 else PartitionSpec()
-    return NamedSharding(mesh, spec)
-
-
 def to_rows(tree: Any) -> Any:
-    """Global arrays laid out with their leading axis split over the batch axes (if it divides)."""
-    return jax.tree.map(lambda x: x if _rows_sharding(x) is None else jax.device_put(x, _rows_sharding(x)), tree)
+    """Mesh arrays laid out with their leading axis split over the batch axes (if it divides)."""
+
+    def relayout(x: jax.Array) -> jax.Array:
+        mesh = getattr(x.sharding, "mesh", None)
+        return x if mesh is None else jax.device_put(x, rows_sharding(mesh, x.shape))
+
+    return jax.tree.map(relayout, tree)
 
 
 def local_rows(x: jax.Array) -> dict[int, np.ndarray]:

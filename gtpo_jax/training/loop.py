@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ from gtpo_jax.data.tokenizer import load_tokenizer
 from gtpo_jax.evaluate import evaluate_policy
 from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
 from gtpo_jax.models import presets
-from gtpo_jax.models.sharding import abstract_model, batch_sharding, create_sharded
+from gtpo_jax.models.sharding import abstract_model, create_sharded, rows_sharding
 from gtpo_jax.models.weights import load_hf
 from gtpo_jax.parallel.mesh import mesh_from_config
 from gtpo_jax.rewards.pool import RewardPool
@@ -83,8 +84,6 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, total_updates)
         self.fns = StepFns(graphdef, abstract, cfg.loss, self.optimizer, cfg.rollout.temperature,
                            m.token_chunk, m.vocab_chunk, cfg.train.micro_batches)  # fmt: skip
-        import flax.nnx as nnx
-
         self.state = self._init_state(nnx.to_pure_dict(nnx.state(policy)))
         self.sampling = SamplingConfig(
             group_size=cfg.loss.group_size, max_new_tokens=cfg.rollout.max_new_tokens,
@@ -137,13 +136,9 @@ class Trainer:
     def _put(self, tree: Any) -> Any:
         """Host arrays (the same on every process) onto the mesh: the leading axis split over the
         batch axes when it divides, else replicated. Each device receives only its slice."""
-        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-
         def put(x):
             x = np.asarray(x)
-            split = x.ndim > 0 and x.shape[0] % shards == 0
-            sharding = batch_sharding(self.mesh, x.ndim) if split else NamedSharding(self.mesh, PartitionSpec())
-            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+            return jax.make_array_from_callback(x.shape, rows_sharding(self.mesh, x.shape), lambda index: x[index])
 
         return jax.tree.map(put, tree)
 
