@@ -110,6 +110,8 @@ def test_non_finite_gradient_is_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 16})
     trainer = Trainer(cfg)
     try:
+        same_id = [trainer.encode({"id": "1", "prompt": p}) for p in ("1+2", "3+4")]
+        assert same_id[0] != same_id[1]  # the prompt cache is not keyed by (possibly shared) ids
         trainer.warmup()  # some correct answers, so a normal update has a gradient
         _, groups, loss_batch, _ = trainer.rollout()
         before = jax.tree.map(np.asarray, trainer.state.params)

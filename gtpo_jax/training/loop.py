@@ -125,7 +125,9 @@ class Trainer:
         return jax.tree.map(on_mesh, state)
 
     def encode(self, record: dict[str, Any]) -> list[int]:
-        key = record["id"]
+        """Token ids of a record's rendered prompt, cached by prompt text (ids of a training file
+        and a held-out file may coincide)."""
+        key = record["prompt"]
         if key not in self._encoded:
             t = self.cfg.tokenizer
             text = render_prompt(self.tok, record, template=t.chat_template, system_prompt=t.system_prompt,
