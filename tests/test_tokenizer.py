@@ -26,7 +26,8 @@ def test_sentencepiece_round_trip(tmp_path, questions):
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(questions[:150]), model_prefix=str(tmp_path / "sp"), vocab_size=600, hard_vocab_limit=False,
+        sentence_iterator=iter(questions[:150]), model_prefix=str(tmp_path / "sp"),
+        vocab_size=600, hard_vocab_limit=False,
         model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, pad_id=3, minloglevel=2,
     )  # fmt: skip
