@@ -70,3 +70,24 @@ def test_bad_arguments():
         token_logprobs_and_entropy(h, w, y, temperature=0.0)
     with pytest.raises(ValueError, match="token_chunk"):
         token_logprobs_and_entropy(h, w, y, token_chunk=0)
+
+
+@pytest.mark.parametrize("scale", [30.0, 50.0])
+@pytest.mark.parametrize(("token_chunk", "vocab_chunk"), CHUNKS[:2])
+def test_entropy_keeps_float64_accuracy_at_large_logit_scales(scale, token_chunk, vocab_chunk):
+    # One-hot hidden states make the logits exactly the float32 rows of `w` (a one-hot dot
+    # product rounds nothing), so the only error left is the entropy's own accumulation. The
+    # logits mix a few large values with a spread-out tail, as a confident LM's do.
+    N, V = 37, 101
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(N, V)) * scale / 3).astype(np.float32)
+    logits[np.arange(N), rng.integers(0, V, N)] += scale
+    h = jnp.eye(N, dtype=jnp.float32)
+    y = jnp.asarray(rng.integers(0, V, N))
+    _, ent = token_logprobs_and_entropy(h, jnp.asarray(logits), y, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+    z = logits.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -(np.exp(logp) * logp).sum(-1)
+    assert expected.max() > 0.1  # not a degenerate one-hot distribution
+    np.testing.assert_allclose(np.asarray(ent, np.float64), expected, atol=1e-6, rtol=0)

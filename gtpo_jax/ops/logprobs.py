@@ -5,10 +5,14 @@ For final hidden states `h` (`[N, d]`) and the unembedding `W` (`[d, V]`), with 
 
     logp_n    = z_{n, y_n} - logsumexp_v z_{n, v}
     entropy_n = logsumexp_v z_{n, v} - sum_v p_{n, v} z_{n, v}       (= -sum_v p log p)
+              = log s - (sum_v e_v (z_v - m)) / s,     e_v = exp(z_v - m),  s = sum_v e_v
 
 Forward: tokens are processed in chunks of `token_chunk` rows; for each, the vocabulary is
 streamed in chunks of `vocab_chunk` columns with an online (running-max) logsumexp that also
-accumulates `sum exp(z - m) * z` and the target logit. Only one `[token_chunk, vocab_chunk]`
+accumulates `sum exp(z - m) * (z - m)` and the target logit. The entropy is formed from the
+max-shifted sum, never as `lse - E[z]`: at logit scales of 30-50 those two are large and
+nearly equal, and their float32 difference loses ~1e-5 (tests/test_logprobs.py checks <= 1e-6
+against float64). Only one `[token_chunk, vocab_chunk]`
 float32 block exists at a time; matmuls accumulate in float32 whatever the input dtype
 (float64 inputs are computed in float64, for exact gradient checks).
 
@@ -68,22 +72,25 @@ def _forward(h, w, targets, temperature, token_chunk, vocab_chunk):
         h_c, y_c = xs
 
         def per_vocab_chunk(carry, v):
-            m, s, t, zy = carry
+            m, s, t, zy = carry  # t = sum e * (z - m), relative to the running max m
             z, real = _logit_block(h_c, wb[v], v, vc, V, temperature)
             z_masked = jnp.where(real, z, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(z_masked, axis=-1))
             scale = jnp.exp(m - m_new)
-            e = jnp.where(real, jnp.exp(z - m_new[:, None]), 0.0)
+            shifted = jnp.where(real, z - m_new[:, None], 0.0)
+            e = jnp.where(real, jnp.exp(shifted), 0.0)
+            # Re-base the old sum from m to m_new: sum e_old (z - m_new) = t + s (m - m_new).
+            rebased = jnp.where(s > 0, t + s * (m - m_new), 0.0)
             s = s * scale + jnp.sum(e, axis=-1)
-            t = t * scale + jnp.sum(e * z, axis=-1)
+            t = rebased * scale + jnp.sum(e * shifted, axis=-1)
             zy = zy + jnp.sum(jnp.where(v * vc + jnp.arange(vc) == y_c[:, None], z, 0.0), axis=-1)
             return (m_new, s, t, zy), None
 
         acc = _acc_dtype(h, w)
         init = (jnp.full((tc,), -jnp.inf, acc), *(jnp.zeros((tc,), acc) for _ in range(3)))
         (m, s, t, zy), _ = jax.lax.scan(per_vocab_chunk, init, jnp.arange(wb.shape[0]))
-        lse = m + jnp.log(s)
-        return None, (zy - lse, lse - t / s, lse)
+        log_s = jnp.log(s)
+        return None, (zy - (m + log_s), log_s - t / s, m + log_s)
 
     _, (logp, ent, lse) = jax.lax.scan(per_token_chunk, None, (hb, yb))
     return logp.reshape(-1)[:N], ent.reshape(-1)[:N], lse.reshape(-1)[:N]
