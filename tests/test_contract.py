@@ -7,13 +7,14 @@ import pytest
 from gtpo_jax.losses import advantages
 
 CONTRACT = {
-    "grpo_advantages": "(rewards, mask, *, scale_rewards=True, eps=1e-06)",
+    "grpo_advantages": "(rewards, mask, *, scale_rewards=True, eps=1e-06, valid=None, penalty=None)",
     "gtpo_advantages": (
         "(rewards, entropy, mask, *, alpha1=1.0, alpha2=0.1, success_threshold=0.5, eps=1e-06, "
-        "norm='paper', scope='group')"
+        "norm='paper', scope='group', valid=None, penalty=None)"
     ),
     "grpo_s_advantages": (
-        "(rewards, entropy, mask, *, beta1=1.0, beta2=0.1, success_threshold=0.5, eps=1e-06, norm='paper')"
+        "(rewards, entropy, mask, *, beta1=1.0, beta2=0.1, success_threshold=0.5, eps=1e-06, norm='paper', "
+        "valid=None, penalty=None)"
     ),
     "informative_groups": "(rewards, *, success_threshold=0.5)",
     "overlong_penalty": "(lengths, *, max_len, buffer_len, penalty=1.0)",

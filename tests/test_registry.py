@@ -87,9 +87,9 @@ def test_from_dict_rejects_unknown_fields_with_a_suggestion():
 
 def test_adding_an_algorithm_is_one_function_and_one_entry():
     # RLOO: leave-one-out baseline, A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean r).
-    def rloo(cfg, rewards, correct, entropy, mask):
-        G = rewards.shape[-1]
-        return (G / (G - 1) * (rewards - rewards.mean(-1, keepdims=True)))[..., None] * mask
+    def rloo(cfg, x):
+        G = x.rewards.shape[-1]
+        return (G / (G - 1) * (x.rewards - x.rewards.mean(-1, keepdims=True)))[..., None] * x.mask
 
     register(Recipe("rloo", rloo, RatioLevel.TOKEN, True, dict(RECIPES["dapo"].defaults), "RLOO test recipe"))
     try:
@@ -154,9 +154,9 @@ def test_mask_truncated_removes_truncated_responses_from_the_loss():
         cfg, rewards=np.array([[1.0, 0.0, 1.0]]), mask=mask, old_logp=mask * 0, entropy=mask, lengths=lengths
     )
     assert np.all(batch.mask[0, 0] == 0) and batch.mask[0, 1].sum() == 2 and batch.mask[0, 2].sum() == 5
-    # An explicit `truncated` flag wins over the length rule.
+    # An explicit `truncated` flag wins over the length rule (the group stays informative).
     batch, _ = prepare_batch(
-        cfg, rewards=np.array([[1.0, 0.0, 1.0]]), mask=mask, old_logp=mask * 0, entropy=mask,
+        cfg, rewards=np.array([[1.0, 0.0, 0.0]]), mask=mask, old_logp=mask * 0, entropy=mask,
         lengths=lengths, truncated=np.array([[False, True, False]]),
     )  # fmt: skip
     assert batch.mask[0, 0].sum() == 8 and batch.mask[0, 1].sum() == 0

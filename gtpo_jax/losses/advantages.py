@@ -13,6 +13,18 @@ so NaN or inf in padding cannot leak into the result.
 The `*_from_sets` variants take the success sets explicitly (`correct`, `[P, G]` bool). The
 trainer uses them when the reward that enters the formula has been shaped (for instance by
 the DAPO overlong penalty) but the success decision must stay on the verifier's verdict.
+
+Two optional `[P, G]` inputs reach every estimator the same way:
+
+- `valid` (bool): responses that belong to their group. A response whose reward errored, timed
+  out or crashed, or a truncated response under `mask_truncated`, is *not* valid: it is in
+  neither O+ nor O-, counts in no statistic (group mean/std, `d_t`, `h_t`, `n`, `m`, the
+  set normalisations) and gets advantage 0. A group is informative when its valid responses
+  hold at least one success and one failure.
+- `penalty` (<= 0): DAPO's overlong penalty of each response. It lowers the reward of correct
+  *and* wrong responses alike: GRPO/DAPO use `r_i + penalty_i`; GTPO's Eq. 3 uses
+  `alpha1 * (r_i + penalty_i)` and Eq. 5 `alpha1 * (-1 + penalty_j)` in place of `-alpha1`;
+  GRPO-S's Eq. 9 likewise with `beta1` (docs/algorithms.md, "Overlong penalty").
 """
 
 from __future__ import annotations
@@ -65,10 +77,17 @@ def success_sets(rewards: Float[ArrayLike, "P G"], *, success_threshold: float =
     return jnp.asarray(rewards) > success_threshold
 
 
-def informative_from_sets(correct: Bool[ArrayLike, "P G"]) -> Bool[Array, "P"]:
-    """Groups with at least one success and one failure (`n > 0` and `m > 0`)."""
+def _valid(valid: Bool[ArrayLike, "P G"] | None, like: ArrayLike) -> Bool[Array, "P G"]:
+    return jnp.ones(jnp.shape(like), bool) if valid is None else jnp.asarray(valid, dtype=bool)
+
+
+def informative_from_sets(
+    correct: Bool[ArrayLike, "P G"], valid: Bool[ArrayLike, "P G"] | None = None
+) -> Bool[Array, "P"]:
+    """Groups whose valid responses hold at least one success and one failure (`n > 0`, `m > 0`)."""
     correct = jnp.asarray(correct, dtype=bool)
-    return jnp.any(correct, axis=-1) & jnp.any(~correct, axis=-1)
+    valid = _valid(valid, correct)
+    return jnp.any(correct & valid, axis=-1) & jnp.any(~correct & valid, axis=-1)
 
 
 def informative_groups(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P"]:
@@ -98,20 +117,34 @@ def overlong_penalty(
 
 
 def grpo_advantages(
-    rewards: Float[ArrayLike, "P G"], mask: ArrayLike, *, scale_rewards: bool = True, eps: float = 1e-6
+    rewards: Float[ArrayLike, "P G"],
+    mask: ArrayLike,
+    *,
+    scale_rewards: bool = True,
+    eps: float = 1e-6,
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
     """GRPO: `A_i = (r_i - mean_G r) / (std_G r + eps)`, broadcast to the response's tokens.
 
-    Population std over the group. `scale_rewards=False` is Dr.GRPO (no division by std).
-    A group whose rewards are all equal gets exactly zero advantage; padding gets 0.
+    Population std over the group's valid responses; `r_i` includes the overlong `penalty`.
+    `scale_rewards=False` is Dr.GRPO (no division by std). A group whose rewards are all
+    equal gets exactly zero advantage; padding and invalid responses get 0.
     """
     dtype = float_dtype(rewards)
     r = _constant(rewards, dtype)
+    if penalty is not None:
+        r = r + _constant(penalty, dtype)
     m = _constant(mask, dtype)
-    adv = r - jnp.mean(r, axis=-1, keepdims=True)
+    v = _valid(valid, r).astype(dtype)
+    mean, std = masked_mean_std(jnp.where(v > 0, r, 0), v, (-1,))
+    adv = r - mean
     if scale_rewards:
-        adv = adv / (jnp.std(r, axis=-1, keepdims=True) + eps)
-    return adv[..., None] * m
+        adv = adv / (std + eps)
+    # Equal rewards give exactly 0 (the mean's round-off would otherwise leave a tiny residue).
+    high = jnp.max(jnp.where(v > 0, r, -jnp.inf), axis=-1, keepdims=True)
+    same = high == jnp.min(jnp.where(v > 0, r, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(same, 0.0, adv * v)[..., None] * m
 
 
 class _PositionSums(NamedTuple):
@@ -121,7 +154,8 @@ class _PositionSums(NamedTuple):
     h: Array  # alive O- responses, h_t
     sum_h_pos: Array  # sum over alive O+ of H
     sum_inv_h_neg: Array  # sum over alive O- of 1/H
-    sum_r_pos: Array  # sum over alive O+ of the outcome reward r_i
+    sum_r_pos: Array  # sum over alive O+ of the outcome reward r_i (+ its overlong penalty)
+    sum_pen_neg: Array  # sum over alive O- of the overlong penalty
 
 
 class _GTPOTokens(NamedTuple):
@@ -139,20 +173,25 @@ def _gtpo_tokens(
     alpha1: float,
     alpha2: float,
     eps: float,
+    valid: ArrayLike | None = None,
+    penalty: ArrayLike | None = None,
 ) -> _GTPOTokens:
     dtype = float_dtype(rewards, entropy)
     r = _constant(rewards, dtype)[..., None]
-    m = _constant(mask, dtype)
+    pen = jnp.zeros_like(r) if penalty is None else _constant(penalty, dtype)[..., None]
+    r = r + pen
+    # Invalid responses leave the group: no token of theirs is alive for the set counts.
+    m = _constant(mask, dtype) * _valid(valid, rewards).astype(dtype)[..., None]
     c = jnp.asarray(correct, dtype=bool)[..., None]
     w_pos = m * c.astype(dtype)
     w_neg = m - w_pos
     # Padding holds anything: replace it before arithmetic. Entropy is non-negative; the clamp
     # only removes round-off below zero.
     h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 1.0) + eps
-    sums = _PositionSums(*sums_over(1, w_pos, w_neg, w_pos * h, w_neg / h, w_pos * r))
+    sums = _PositionSums(*sums_over(1, w_pos, w_neg, w_pos * h, w_neg / h, w_pos * r, w_neg * pen))
     # Per-token work is one division; the per-position sums are inverted once.
     r_pos = alpha1 * r + alpha2 * (sums.d * reciprocal_or_zero(sums.sum_h_pos)) * h
-    r_neg = -alpha1 - alpha2 * (sums.h * reciprocal_or_zero(sums.sum_inv_h_neg)) / h
+    r_neg = alpha1 * (pen - 1.0) - alpha2 * (sums.h * reciprocal_or_zero(sums.sum_inv_h_neg)) / h
     shaped = jnp.where(c, r_pos, r_neg) * m
     return _GTPOTokens(w_pos, w_neg, shaped, sums)
 
@@ -166,15 +205,19 @@ def gtpo_token_rewards_from_sets(
     alpha1: float = 1.0,
     alpha2: float = 0.1,
     eps: float = 1e-6,
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
     """GTPO's shaped token rewards (Eq. 3 and Eq. 5): `r+` on O+ tokens, `r-` on O- tokens, 0 on padding.
 
-        r+_{i,t} =  alpha1 * r_i + alpha2 * d_t * H_{i,t} / sum_{k in O+ alive at t} H_{k,t}
-        r-_{j,t} = -alpha1       - alpha2 * h_t * (1/H_{j,t}) / sum_{k in O- alive at t} (1/H_{k,t})
+        r+_{i,t} = alpha1 * (r_i + pen_i)  + alpha2 * d_t * H_{i,t} / sum_{k in O+ alive at t} H_{k,t}
+        r-_{j,t} = alpha1 * (-1 + pen_j)   - alpha2 * h_t * (1/H_{j,t}) / sum_{k in O- alive at t} (1/H_{k,t})
 
-    `d_t` / `h_t` count the alive O+ / O- responses at position t; `H` is `entropy + eps`.
+    `d_t` / `h_t` count the alive valid O+ / O- responses at position t; `H` is `entropy + eps`;
+    `pen` is the overlong penalty (0 without one), so Eq. 5's constant `-alpha1` becomes
+    `alpha1 * (-1 + pen_j)`. Invalid responses get 0.
     """
-    return _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps).shaped
+    return _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps, valid, penalty).shaped
 
 
 def gtpo_token_rewards(
@@ -203,14 +246,16 @@ def gtpo_advantages_from_sets(
     eps: float = 1e-6,
     norm: GTPONorm | str = GTPONorm.PAPER,
     scope: NormScope | str = NormScope.GROUP,
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
     """GTPO token advantages (Eq. 6) given the success sets; see `gtpo_advantages`.
 
     The set means need no pass over the shaped rewards: at every position the entropy shares
     of the alive responses of a set sum to 1, so over a group
 
-        sum_{O+ tokens} r+ = alpha1 * sum_{O+ tokens} r_i + alpha2 * N+
-        sum_{O- tokens} r- = -(alpha1 + alpha2) * N-
+        sum_{O+ tokens} r+ = alpha1 * sum_{O+ tokens} (r_i + pen_i) + alpha2 * N+
+        sum_{O- tokens} r- = alpha1 * sum_{O- tokens} pen_j - (alpha1 + alpha2) * N-
 
     (`N+`, `N-` the token counts of the sets). One centred sum of squares then gives each
     variance: for `paper` the other set's tokens hold 0 and add `N- * mean+^2` (resp.
@@ -218,15 +263,16 @@ def gtpo_advantages_from_sets(
     """
     norm = parse_enum(GTPONorm, norm, "norm")
     scope = parse_enum(NormScope, scope, "scope")
-    tok = _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps)
+    tok = _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps, valid, penalty)
     dtype = tok.shaped.dtype
-    informative = informative_from_sets(jnp.asarray(correct, dtype=bool)).astype(dtype)[:, None, None]
+    informative = informative_from_sets(correct, _valid(valid, rewards)).astype(dtype)[:, None, None]
     axes = (1, 2) if scope is NormScope.GROUP else (0, 1, 2)
 
     # [P, 1, T] per-position sums -> per-group (or batch) totals.
-    n_pos, n_neg, sum_r_pos = sums_over(axes, *(x * informative for x in (tok.sums.d, tok.sums.h, tok.sums.sum_r_pos)))
+    position_sums = (tok.sums.d, tok.sums.h, tok.sums.sum_r_pos, tok.sums.sum_pen_neg)
+    n_pos, n_neg, sum_r_pos, sum_pen_neg = sums_over(axes, *(x * informative for x in position_sums))
     sum_pos = alpha1 * sum_r_pos + alpha2 * n_pos
-    sum_neg = -(alpha1 + alpha2) * n_neg
+    sum_neg = alpha1 * sum_pen_neg - (alpha1 + alpha2) * n_neg
     n_all = n_pos + n_neg
 
     def mean(s: Array, n: Array) -> Array:
@@ -264,6 +310,8 @@ def gtpo_advantages(
     eps: float = 1e-6,
     norm: GTPONorm | str = "paper",
     scope: NormScope | str = "group",
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
     """GTPO: entropy-shaped token rewards (Eq. 3, 5), normalised per set (Eq. 6).
 
@@ -277,12 +325,15 @@ def gtpo_advantages(
     O+, the paper norm gives every O+ token `A > 0` and every O- token `A < 0` exactly when
     `alpha2 / (alpha1 + alpha2) < p < alpha1 / (alpha1 + alpha2)` (0.091 < p < 0.909 at the
     defaults): the set means are `(alpha1 + alpha2) * p` and `-(alpha1 + alpha2) * (1 - p)`,
-    while `r+ > alpha1` and `r- < -alpha1`. Groups with no success or no failure get 0.
+    while `r+ > alpha1` and `r- < -alpha1`. Outside that range part of the majority set's
+    tokens get the opposite sign (the trainer logs the fractions). Groups with no success or
+    no failure get 0. `valid` and `penalty`: see the module docstring.
     """
     correct = success_sets(rewards, success_threshold=success_threshold)
     return gtpo_advantages_from_sets(
-        rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps, norm=norm, scope=scope
-    )
+        rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps, norm=norm, scope=scope,
+        valid=valid, penalty=penalty,
+    )  # fmt: skip
 
 
 def grpo_s_sequence_rewards_from_sets(
@@ -294,28 +345,35 @@ def grpo_s_sequence_rewards_from_sets(
     beta1: float = 1.0,
     beta2: float = 0.1,
     eps: float = 1e-6,
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
     """GRPO-S shaped sequence rewards (Eq. 9), with `Ĥ_i` the mean entropy of response i plus eps.
 
-    r+_i =  beta1 * r_i + beta2 * n * Ĥ_i / sum_{k in O+} Ĥ_k
-    r-_j = -beta1       - beta2 * m * (1/Ĥ_j) / sum_{k in O-} (1/Ĥ_k)
+    r+_i = beta1 * (r_i + pen_i) + beta2 * n * Ĥ_i / sum_{k in O+} Ĥ_k
+    r-_j = beta1 * (-1 + pen_j)  - beta2 * m * (1/Ĥ_j) / sum_{k in O-} (1/Ĥ_k)
+
+    `n`, `m` and the sums run over valid responses; `pen` is the overlong penalty (0 without
+    one). Invalid responses get 0.
     """
     dtype = float_dtype(rewards, entropy)
     r = _constant(rewards, dtype)
+    pen = jnp.zeros_like(r) if penalty is None else _constant(penalty, dtype)
     correct = jnp.asarray(correct, dtype=bool)
+    v = _valid(valid, rewards)
     m = _constant(mask, dtype)
     h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 0.0)
     sum_h, count = sums_over(-1, h, m)
     mean_h = sum_h[..., 0] / jnp.maximum(count[..., 0], 1) + eps  # [P, G]
     inv_h = 1.0 / mean_h
-    pos = correct.astype(dtype)
-    neg = 1.0 - pos
+    pos = (correct & v).astype(dtype)
+    neg = (~correct & v).astype(dtype)
     n = jnp.sum(pos, axis=-1, keepdims=True)
     m_count = jnp.sum(neg, axis=-1, keepdims=True)
     share_pos = safe_divide(mean_h, jnp.sum(pos * mean_h, axis=-1, keepdims=True))
     share_neg = safe_divide(inv_h, jnp.sum(neg * inv_h, axis=-1, keepdims=True))
-    r_pos = pos * (beta1 * r + beta2 * n * share_pos)
-    r_neg = neg * (-beta1 - beta2 * m_count * share_neg)
+    r_pos = pos * (beta1 * (r + pen) + beta2 * n * share_pos)
+    r_neg = neg * (beta1 * (pen - 1.0) - beta2 * m_count * share_neg)
     return r_pos + r_neg
 
 
@@ -329,15 +387,23 @@ def grpo_s_advantages_from_sets(
     beta2: float = 0.1,
     eps: float = 1e-6,
     norm: GRPOSNorm | str = GRPOSNorm.PAPER,
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
-    """GRPO-S sequence advantages given the success sets; see `grpo_s_advantages`."""
+    """GRPO-S sequence advantages given the success sets; see `grpo_s_advantages`.
+
+    The normalisations run over the group's valid responses (the length-G vector of the
+    paper, less the invalid entries)."""
     norm = parse_enum(GRPOSNorm, norm, "norm")
     dtype = float_dtype(rewards, entropy)
     correct = jnp.asarray(correct, dtype=bool)
-    shaped = grpo_s_sequence_rewards_from_sets(rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps)
-    pos = correct.astype(dtype)
-    neg = 1.0 - pos
-    every = jnp.ones_like(shaped)
+    v = _valid(valid, rewards)
+    shaped = grpo_s_sequence_rewards_from_sets(
+        rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps, valid=v, penalty=penalty
+    )
+    pos = (correct & v).astype(dtype)
+    neg = (~correct & v).astype(dtype)
+    every = v.astype(dtype)
     if norm is GRPOSNorm.PAPER:
         mean_pos, std_pos = masked_mean_std(shaped * pos, every, (-1,))
         mean_neg, std_neg = masked_mean_std(shaped * neg, every, (-1,))
@@ -345,7 +411,7 @@ def grpo_s_advantages_from_sets(
         mean_pos, std_pos = masked_mean_std(shaped, every, (-1,))
         mean_neg, std_neg = mean_pos, std_pos
     adv = pos * (shaped - mean_pos) / (std_pos + eps) + neg * (shaped - mean_neg) / (std_neg + eps)
-    return adv * informative_from_sets(correct).astype(dtype)[:, None]
+    return adv * informative_from_sets(correct, v).astype(dtype)[:, None]
 
 
 def grpo_s_advantages(
@@ -358,6 +424,8 @@ def grpo_s_advantages(
     success_threshold: float = 0.5,
     eps: float = 1e-6,
     norm: GRPOSNorm | str = "paper",
+    valid: Bool[ArrayLike, "P G"] | None = None,
+    penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
     """GRPO-S: entropy-shaped sequence rewards (Eq. 9), normalised over the G responses.
 
@@ -368,4 +436,6 @@ def grpo_s_advantages(
     with no success or no failure get 0. Returns one advantage per response, `[P, G]`.
     """
     correct = success_sets(rewards, success_threshold=success_threshold)
-    return grpo_s_advantages_from_sets(rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps, norm=norm)
+    return grpo_s_advantages_from_sets(
+        rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps, norm=norm, valid=valid, penalty=penalty
+    )

@@ -7,6 +7,10 @@ GRPO, DAPO, GTPO and GRPO-S are assembled from the same parts (`advantages.py`,
 the recipe's default for the chosen algorithm, so `LossConfig(algorithm="grpo")` is the
 published GRPO recipe and `LossConfig(algorithm="gtpo", eps_high=0.3)` changes one value.
 
+Every recipe declares the fields it reads (`Recipe.reads`, some only in a context: the KL
+estimator only with `kl_coef > 0`, ...). A field the chosen algorithm does not read resolves
+to `None`, and setting it is a `ConfigError` naming the algorithm: no knob is silently ignored.
+
 One step uses the module in two calls (both pure and jit-able, `cfg` static):
 
     batch, batch_diag = prepare_batch(cfg, rewards=..., mask=..., old_logp=..., entropy=...)
@@ -98,6 +102,7 @@ class LossConfig:
         if self.algorithm not in RECIPES:
             raise ConfigError(_unknown(f"loss.algorithm={self.algorithm!r}", self.algorithm, RECIPES))
         recipe = RECIPES[self.algorithm]
+        explicit = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None} - {"algorithm"}
         for field in dataclasses.fields(self):
             if getattr(self, field.name) is None:
                 object.__setattr__(self, field.name, recipe.defaults[field.name])
@@ -106,12 +111,27 @@ class LossConfig:
                 object.__setattr__(self, name, parse_enum(enum_cls, getattr(self, name), f"loss.{name}"))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        live = recipe.live_fields(self)
+        for name in sorted(explicit - live):
+            subject = f"loss.{name}={getattr(self, name)!r} is not read by algorithm {self.algorithm!r}"
+            if name in recipe.reads:  # read only in a context that is off
+                raise ConfigError(f"{subject}{_CONTEXT_WHY[name]}; remove it or change that setting")
+            readers = ", ".join(sorted(r for r, rec in RECIPES.items() if name in rec.reads)) or "none"
+            raise ConfigError(f"{subject}; remove it, or choose an algorithm that reads it ({readers})")
+        for name in {f.name for f in dataclasses.fields(self)} - live - {"algorithm"}:
+            object.__setattr__(self, name, None)  # not applicable to this algorithm
         self._validate(recipe)
 
     def _validate(self, recipe: Recipe) -> None:
         def check(ok: bool, field: str, what: str) -> None:
+            if getattr(self, field) is None:  # the field does not apply to this algorithm
+                return
             if not ok:
                 raise ConfigError(f"loss.{field}={getattr(self, field)!r}: {what}")
+
+        def at_least(name: str, low: float) -> bool:
+            value = getattr(self, name)
+            return value is None or value >= low
 
         check(self.group_size >= 1, "group_size", "must be >= 1")
         check(
@@ -122,13 +142,13 @@ class LossConfig:
         check(0 <= self.eps_low < 1, "eps_low", "must be in [0, 1)")
         check(self.eps_high >= 0, "eps_high", "must be >= 0")
         check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be > 1, or 0 to disable")
-        check(self.norm_len >= 0, "norm_len", "must be >= 0 (0 = padded length)")
+        check(at_least("norm_len", 0), "norm_len", "must be >= 0 (0 = padded length)")
         check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         check(self.eps > 0, "eps", "must be > 0")
         for name in ("alpha1", "alpha2", "beta1", "beta2", "overlong_penalty"):
-            check(getattr(self, name) >= 0, name, "must be >= 0")
+            check(at_least(name, 0), name, "must be >= 0")
         check(self.overlong_buffer_len >= 0, "overlong_buffer_len", "must be >= 0 (0 disables)")
-        check(self.max_response_len >= 0, "max_response_len", "must be >= 0 (0 = not given)")
+        check(at_least("max_response_len", 0), "max_response_len", "must be >= 0 (0 = not given)")
         if self.overlong_buffer_len > 0:
             check(
                 0 < self.overlong_buffer_len <= self.max_response_len,
@@ -169,21 +189,66 @@ def _unknown(subject: str, value: Any, known: Any) -> str:
     return f"unknown {subject}{hint} (known: {', '.join(sorted(known))})"
 
 
-AdvantageFn = Callable[[LossConfig, Array, Array, Array, Array], Array]
+class AdvantageInputs(NamedTuple):
+    """What an advantage function sees of one rollout batch (all constants)."""
+
+    rewards: Float[Array, "P G"]  # the verifier's rewards
+    penalty: Float[Array, "P G"]  # DAPO overlong penalty (<= 0; zeros when off)
+    correct: Bool[Array, "P G"]  # O+ membership, decided on the verifier's reward
+    valid: Bool[Array, "P G"]  # responses that belong to their group (see advantages.py)
+    entropy: Float[Array, "P G T"]
+    mask: Float[Array, "P G T"]  # the loss mask (invalid responses and dropped groups are 0)
+
+
+AdvantageFn = Callable[[LossConfig, AdvantageInputs], Array]
+
+# Fields every recipe reads (the clipped objective, aggregation, KL, sets, DAPO's shaping).
+COMMON_READS = frozenset({
+    "group_size", "eps_low", "eps_high", "dual_clip", "loss_agg", "norm_len", "kl_coef", "kl_estimator",
+    "success_threshold", "eps", "dynamic_sampling", "overlong_buffer_len", "overlong_penalty",
+    "max_response_len", "mask_truncated",
+})  # fmt: skip
+
+# Fields read only in a context: name -> (is it read, given the resolved config; why not).
+_CONTEXT: dict[str, Callable[[LossConfig], bool]] = {
+    "norm_len": lambda c: c.loss_agg is LossAgg.SEQ_MEAN_TOKEN_SUM_NORM,
+    "kl_estimator": lambda c: c.kl_coef > 0,
+    "overlong_penalty": lambda c: c.overlong_buffer_len > 0,
+    "max_response_len": lambda c: c.overlong_buffer_len > 0 or c.mask_truncated,
+}
+_CONTEXT_WHY = {
+    "norm_len": " with this loss_agg (only seq_mean_token_sum_norm divides by it)",
+    "kl_estimator": " with kl_coef = 0 (no KL term)",
+    "overlong_penalty": " with overlong_buffer_len = 0 (no overlong shaping)",
+    "max_response_len": " without overlong shaping or mask_truncated",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """An algorithm: how advantages are made, where the ratio lives, and its defaults."""
+    """An algorithm: how advantages are made, where the ratio lives, its defaults and the
+    config fields it reads."""
 
     name: str
-    # (cfg, rewards [P,G], correct [P,G] bool, entropy [P,G,T], mask [P,G,T]) -> advantages.
     advantages: AdvantageFn
     ratio_level: RatioLevel
     # Whether advantages compare responses within a group (then G >= 2 is required).
     group_relative: bool
     defaults: Mapping[str, Any]
     summary: str
+    # LossConfig fields the recipe reads beyond `COMMON_READS` (its advantage function's knobs).
+    own_reads: frozenset[str] = frozenset()
+    # The same recipe with its entropy shaping switched off (alpha2 = 0 / beta2 = 0), for the
+    # "shaping is live" diagnostic; None for recipes that do not shape.
+    unshaped: AdvantageFn | None = None
+
+    @property
+    def reads(self) -> frozenset[str]:
+        return COMMON_READS | self.own_reads
+
+    def live_fields(self, cfg: LossConfig) -> set[str]:
+        """The fields this recipe reads under `cfg`'s resolved values."""
+        return {name for name in self.reads if name not in _CONTEXT or _CONTEXT[name](cfg)}
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -197,6 +262,8 @@ def register(recipe: Recipe) -> Recipe:
             f"recipe {recipe.name!r} defaults must set exactly the LossConfig fields; "
             f"missing {sorted(fields - set(recipe.defaults))}, unknown {sorted(set(recipe.defaults) - fields)}"
         )
+    if not recipe.reads <= fields:
+        raise ValueError(f"recipe {recipe.name!r} reads unknown fields {sorted(recipe.reads - fields)}")
     RECIPES[recipe.name] = recipe
     return recipe
 
@@ -225,39 +292,68 @@ _COMMON = dict(
 _DAPO = dict(_COMMON, eps_low=0.2, eps_high=0.28, loss_agg="token_mean", kl_coef=0.0, dynamic_sampling=True)
 
 
-def _grpo(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
-    return adv_lib.grpo_advantages(rewards, mask, scale_rewards=cfg.scale_rewards, eps=cfg.eps)
+def _grpo(cfg: LossConfig, x: AdvantageInputs) -> Array:
+    return adv_lib.grpo_advantages(
+        x.rewards, x.mask, scale_rewards=cfg.scale_rewards, eps=cfg.eps, valid=x.valid, penalty=x.penalty
+    )
 
 
-def _gtpo(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
+def _gtpo_with(cfg: LossConfig, x: AdvantageInputs, alpha2: float, norm: GTPONorm) -> Array:
     return adv_lib.gtpo_advantages_from_sets(
-        rewards, correct, entropy, mask,
-        alpha1=cfg.alpha1, alpha2=cfg.alpha2, eps=cfg.eps, norm=cfg.gtpo_norm, scope=cfg.norm_scope,
+        x.rewards, x.correct, x.entropy, x.mask, alpha1=cfg.alpha1, alpha2=alpha2, eps=cfg.eps, norm=norm,
+        scope=cfg.norm_scope, valid=x.valid, penalty=x.penalty,
     )  # fmt: skip
 
 
-def _grpo_s(cfg: LossConfig, rewards: Array, correct: Array, entropy: Array, mask: Array) -> Array:
-    return adv_lib.grpo_s_advantages_from_sets(
-        rewards, correct, entropy, mask, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, norm=cfg.grpo_s_norm
-    )
+def _gtpo(cfg: LossConfig, x: AdvantageInputs) -> Array:
+    return _gtpo_with(cfg, x, cfg.alpha2, cfg.gtpo_norm)
 
+
+def _gtpo_unshaped(cfg: LossConfig, x: AdvantageInputs) -> Array:
+    """DAPO's token-pooled advantage of the same sets (alpha2 = 0, the paper's norm)."""
+    return _gtpo_with(cfg, x, 0.0, GTPONorm.PAPER)
+
+
+def _grpo_s_with(cfg: LossConfig, x: AdvantageInputs, beta2: float, norm: GRPOSNorm) -> Array:
+    return adv_lib.grpo_s_advantages_from_sets(
+        x.rewards, x.correct, x.entropy, x.mask, beta1=cfg.beta1, beta2=beta2, eps=cfg.eps, norm=norm,
+        valid=x.valid, penalty=x.penalty,
+    )  # fmt: skip
+
+
+def _grpo_s(cfg: LossConfig, x: AdvantageInputs) -> Array:
+    return _grpo_s_with(cfg, x, cfg.beta2, cfg.grpo_s_norm)
+
+
+def _grpo_s_unshaped(cfg: LossConfig, x: AdvantageInputs) -> Array:
+    """GRPO's sequence advantage of the same sets (beta2 = 0)."""
+    return _grpo_s_with(cfg, x, 0.0, GRPOSNorm.PAPER)
+
+
+_GRPO_READS = frozenset({"scale_rewards"})
+_GTPO_READS = frozenset({"alpha1", "alpha2", "gtpo_norm", "norm_scope"})
+_GRPO_S_READS = frozenset({"beta1", "beta2", "grpo_s_norm"})
 
 register(Recipe(
     "grpo", _grpo, RatioLevel.TOKEN, True,
     dict(_COMMON, eps_low=0.2, eps_high=0.2, loss_agg="seq_mean_token_mean", kl_coef=0.04, dynamic_sampling=False),
     "GRPO (DeepSeekMath): group-normalised outcome reward, symmetric clip, sequence mean, k3 KL 0.04.",
+    own_reads=_GRPO_READS,
 ))  # fmt: skip
 register(Recipe(
     "dapo", _grpo, RatioLevel.TOKEN, True, _DAPO,
     "DAPO: GRPO advantages, clip-higher 0.2/0.28, token mean, no KL, dynamic sampling.",
+    own_reads=_GRPO_READS,
 ))  # fmt: skip
 register(Recipe(
     "gtpo", _gtpo, RatioLevel.TOKEN, True, _DAPO,
     "GTPO: entropy-shaped token rewards (Eq. 3, 5), per-set normalisation (Eq. 6), DAPO objective (Eq. 7).",
+    own_reads=_GTPO_READS, unshaped=_gtpo_unshaped,
 ))  # fmt: skip
 register(Recipe(
     "grpo_s", _grpo_s, RatioLevel.SEQUENCE, True, dict(_DAPO, loss_agg="seq_mean_token_mean"),
     "GRPO-S: entropy-shaped sequence rewards (Eq. 9), mean-of-token-ratios weight, mean over responses.",
+    own_reads=_GRPO_S_READS, unshaped=_grpo_s_unshaped,
 ))  # fmt: skip
 
 
@@ -282,44 +378,61 @@ def prepare_batch(
     lengths: Int[ArrayLike, "P G"] | None = None,
     truncated: Bool[ArrayLike, "P G"] | None = None,
     ref_logp: Float[ArrayLike, "P G T"] | None = None,
+    valid: Bool[ArrayLike, "P G"] | None = None,
 ) -> tuple[LossBatch, Diagnostics]:
     """Once per rollout batch: reward shaping, advantages, loss mask, batch diagnostics.
 
     Success (O+ / O-) and informativeness are decided on the verifier's `rewards`; the
-    overlong penalty only changes the reward that enters the advantage formulas.
+    overlong penalty only changes the reward that enters the advantage formulas (for correct
+    and wrong responses alike). `valid` (`[P, G]`, default all) marks responses whose reward is
+    trustworthy: a response whose reward errored, timed out or crashed is excluded from its
+    group's statistics and the loss, not scored as wrong. Under `mask_truncated`, truncated
+    responses leave the group the same way, *before* O+/O- and the statistics are formed.
+
+    Diagnostics beside the usual means: `valid_frac`; `wrong_sign_pos` / `wrong_sign_neg`, the
+    fraction of loss tokens of O+ with `A < 0` and of O- with `A > 0` (non-zero under GTPO's
+    paper norm when a group's O+ share leaves `(alpha2/(alpha1+alpha2), alpha1/(alpha1+alpha2))`);
+    and for shaping recipes `shaping_delta`, the mean `|A - A_unshaped|` over loss tokens.
     """
     rewards = jnp.asarray(rewards)
     if rewards.ndim != 2 or rewards.shape[1] != cfg.group_size:
         raise ValueError(f"rewards must be [P, G] with G = loss.group_size = {cfg.group_size}; got {rewards.shape}")
     dtype = float_dtype(rewards, entropy)
-    m = jnp.asarray(mask).astype(dtype)
-    correct = adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold)
-    informative = adv_lib.informative_from_sets(correct)
-    shaped = rewards.astype(dtype)
+    ok = jnp.ones(rewards.shape, bool) if valid is None else jnp.asarray(valid, dtype=bool)
     if cfg.overlong_buffer_len > 0 or cfg.mask_truncated:
         if lengths is None:
             raise ValueError("overlong shaping / mask_truncated need the response lengths [P, G]")
         lengths = jnp.asarray(lengths)
+    penalty = jnp.zeros(rewards.shape, dtype)
     if cfg.overlong_buffer_len > 0:
-        shaped = shaped + adv_lib.overlong_penalty(
+        penalty = adv_lib.overlong_penalty(
             lengths, max_len=cfg.max_response_len, buffer_len=cfg.overlong_buffer_len, penalty=cfg.overlong_penalty
-        )
+        ).astype(dtype)
+    remaining = ok
     if cfg.mask_truncated:
         if truncated is None:
-            if cfg.max_response_len <= 0:
+            if not cfg.max_response_len:
                 raise ValueError("mask_truncated needs `truncated` or loss.max_response_len > 0")
             truncated = lengths >= cfg.max_response_len
-        m = m * (~jnp.asarray(truncated, dtype=bool))[..., None].astype(dtype)
+        remaining = ok & ~jnp.asarray(truncated, dtype=bool)
+    correct = adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold) & remaining
+    informative = adv_lib.informative_from_sets(correct, remaining)
+    m = jnp.asarray(mask).astype(dtype) * remaining[..., None].astype(dtype)
     if cfg.dynamic_sampling:
         m = m * informative[:, None, None].astype(dtype)
 
-    advantages = cfg.recipe.advantages(cfg, shaped, correct, jnp.asarray(entropy), m)
+    inputs = AdvantageInputs(rewards.astype(dtype), penalty, correct, remaining, jnp.asarray(entropy), m)
+    advantages = cfg.recipe.advantages(cfg, inputs)
     groups = jnp.ones_like(informative, dtype=dtype)
+    every = jnp.ones(rewards.shape, dtype)
+    scored = ok.astype(dtype)
     diagnostics: Diagnostics = {
         "informative_frac": MeanStat.of(informative.astype(dtype), groups),
-        "reward_mean": MeanStat.of(rewards.astype(dtype), jnp.ones_like(shaped)),
-        "shaped_reward_mean": MeanStat.of(shaped, jnp.ones_like(shaped)),
-        "pass_rate": MeanStat.of(correct.astype(dtype), jnp.ones_like(shaped)),
+        "valid_frac": MeanStat.of(scored, every),
+        "reward_mean": MeanStat.of(rewards.astype(dtype), scored),
+        "shaped_reward_mean": MeanStat.of(rewards.astype(dtype) + penalty, scored),
+        "pass_rate": MeanStat.of(correct.astype(dtype), scored),
+        **_sign_diagnostics(cfg, inputs, advantages, informative),
     }
     batch = LossBatch(
         mask=m,
@@ -330,6 +443,25 @@ def prepare_batch(
         ref_logp=None if cfg.kl_coef == 0 or ref_logp is None else jnp.asarray(ref_logp),
     )
     return batch, diagnostics
+
+
+def _sign_diagnostics(cfg: LossConfig, x: AdvantageInputs, advantages: Array, informative: Array) -> Diagnostics:
+    """Wrong-sign fractions per set and the size of the entropy shaping, over loss tokens of
+    informative groups (a sequence advantage counts once per token of its response)."""
+    dtype = x.mask.dtype
+    per_token = (lambda a: a) if advantages.ndim == 3 else (lambda a: a[..., None])
+    weight = x.mask * informative[:, None, None].astype(dtype)
+    pos = weight * x.correct[..., None].astype(dtype)
+    neg = weight * (x.valid & ~x.correct)[..., None].astype(dtype)
+    adv = per_token(advantages)
+    out: Diagnostics = {
+        "wrong_sign_pos": MeanStat.of(jnp.broadcast_to(adv < 0, pos.shape).astype(dtype), pos),
+        "wrong_sign_neg": MeanStat.of(jnp.broadcast_to(adv > 0, neg.shape).astype(dtype), neg),
+    }
+    if cfg.recipe.unshaped is not None:
+        delta = jnp.abs(adv - per_token(cfg.recipe.unshaped(cfg, x)))
+        out["shaping_delta"] = MeanStat.of(jnp.broadcast_to(delta, weight.shape), weight)
+    return out
 
 
 def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> LossOutput:
@@ -344,9 +476,9 @@ def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch)
         dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
         ratio_level=cfg.recipe.ratio_level,
         loss_agg=cfg.loss_agg,
-        norm_len=cfg.norm_len if cfg.norm_len > 0 else None,
+        norm_len=cfg.norm_len or None,
         kl_coef=cfg.kl_coef,
-        kl_estimator=cfg.kl_estimator,
+        kl_estimator=cfg.kl_estimator or KLEstimator.K3,
         ref_logp=batch.ref_logp,
         entropy=batch.entropy,
         correct=batch.correct,
