@@ -9,6 +9,9 @@ prints held-out avg@4 at the start and the end (15.2% -> 40.2% on a 2-core CPU, 
 
 from gtpo_jax.config import base_config
 
+# The loss fields this config sets on purpose (everything else is the chosen recipe's default).
+LOSS_OVERRIDES = {"group_size": "G = 8 keeps a CPU step at a fraction of a second"}
+
 
 def get_config():
     c = base_config()

@@ -15,6 +15,7 @@ from pathlib import Path
 _spec = importlib.util.spec_from_file_location("qwen2_5_7b", Path(__file__).with_name("qwen2_5_7b_dapo_math.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
+LOSS_OVERRIDES = _base.LOSS_OVERRIDES
 
 
 def get_config():

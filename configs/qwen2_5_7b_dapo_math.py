@@ -7,10 +7,19 @@
 DAPO-style (arXiv 2503.14476, the paper's baseline and training recipe): G = 16 responses per
 prompt, clip 0.2 / 0.28, token-mean loss, no KL, dynamic sampling, overlong reward shaping over
 the last 4096 of 20480 response tokens, AdamW 1e-6 with 10 warm-up steps, 16 optimiser steps per
-rollout batch of 512 prompts. `--config.loss.algorithm=grpo_s|dapo|grpo` swaps the algorithm.
+rollout batch of 512 prompts. `--config.loss.algorithm=grpo_s|dapo|grpo` swaps the algorithm and
+takes that algorithm's own recipe (clip range, aggregation, KL, dynamic sampling): this file sets
+only the loss fields in `LOSS_OVERRIDES`, which every algorithm shares.
 """
 
 from gtpo_jax.config import base_config
+
+# The loss fields this config sets on purpose (everything else is the chosen recipe's default).
+LOSS_OVERRIDES = {
+    "overlong_buffer_len": "DAPO's soft overlong punishment over the last 4096 tokens, for every algorithm",
+    "overlong_penalty": "reaching -1 at the length limit (DAPO)",
+    "max_response_len": "the sampler's limit, 20480 new tokens",
+}
 
 
 def get_config():
@@ -24,9 +33,8 @@ def get_config():
     c.rollout.update(max_new_tokens=20480, temperature=1.0, top_p=1.0, prompt_buckets=(512, 1024, 2048),
                      max_refill_rounds=3)  # fmt: skip
     c.reward.update(name="dapo", num_workers=32, timeout_s=10.0)
-    c.loss.update(algorithm="gtpo", group_size=16, eps_low=0.2, eps_high=0.28, loss_agg="token_mean", kl_coef=0.0,
-                  dynamic_sampling=True, overlong_buffer_len=4096, overlong_penalty=1.0,
-                  max_response_len=20480)  # fmt: skip
+    # G = 16 is every recipe's default; the rest of the loss is the algorithm's recipe.
+    c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0, max_response_len=20480)
     c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
     c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batches=8,
                    run_dir="runs/qwen2_5_7b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip

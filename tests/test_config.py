@@ -67,3 +67,33 @@ def test_every_loss_field_is_read_by_the_loss_module():
     source = "".join(p.read_text() for p in Path(ROOT / "gtpo_jax" / "losses").glob("*.py"))
     unread = [f for f in LossConfig.__dataclass_fields__ if f != "algorithm" and not re.search(rf"cfg\.{f}\b", source)]
     assert unread == []
+
+
+def _config_module(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_configs_set_only_documented_loss_fields_so_every_algorithm_gets_its_recipe(path):
+    from gtpo_jax.losses import RECIPES
+
+    module = _config_module(path)
+    documented = module.LOSS_OVERRIDES  # field -> why this config sets it
+    assert all(isinstance(why, str) and why for why in documented.values())
+    c = module.get_config()
+    set_here = {k for k, v in c.loss.items() if v is not None and k != "algorithm"}
+    assert set_here == set(documented), f"{path.name} sets loss fields {sorted(set_here - set(documented))} silently"
+    for algorithm in RECIPES:
+        c.loss.algorithm = algorithm
+        resolved = from_config_dict(c).loss
+        recipe = LossConfig(algorithm=algorithm, **{k: c.loss[k] for k in documented})
+        assert resolved == recipe
+        plain = LossConfig(algorithm=algorithm)
+        for name in LossConfig.__dataclass_fields__:
+            if name not in documented:
+                assert getattr(resolved, name) == getattr(plain, name), (path.name, algorithm, name)
