@@ -64,6 +64,8 @@ class ModelSection(_Tracked):
     # Hugging Face checkpoint directory (config.json + safetensors); overrides `preset`.
     checkpoint: str = ""
     # Storage dtype of the parameters and the dtype of activations ("float32" or "bfloat16").
+    # Training keeps float32 parameters (the master copy AdamW updates: in bfloat16 an update of
+    # lr 1e-6 rounds away for almost every weight); use dtype="bfloat16" for bf16 compute.
     param_dtype: str = "float32"
     dtype: str = "float32"
     # Rematerialise each layer in the backward pass (less activation memory, ~30% more compute).
@@ -137,12 +139,18 @@ class RewardSection(_Tracked):
     # Worker processes and the hard per-item time limit.
     num_workers: int = 2
     timeout_s: float = 5.0
+    # A response whose reward errored, timed out or crashed is invalid: left out of its group's
+    # statistics and the loss (counted per step). The run stops with an error when more than this
+    # fraction of a step's sampled responses are invalid (a broken verifier, not a hard prompt).
+    max_invalid_frac: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection(_Tracked):
-    # AdamW peak learning rate, linear warm-up steps, then "constant" or "cosine" decay.
+    # AdamW peak learning rate, then "constant" or "cosine" decay.
     learning_rate: float = 1e-6
+    # Linear learning-rate warm-up, counted in RL steps (as DAPO's recipe counts it), not in
+    # optimiser updates: each RL step makes ppo_epochs x mini_batches updates.
     warmup_steps: int = 0
     schedule: str = "constant"
     weight_decay: float = 0.0
@@ -246,6 +254,12 @@ class Config:
         _check(self.tokenizer.kind in ("char", "hf", "sentencepiece"), "tokenizer", "kind", self.tokenizer.kind,
                "expected 'char', 'hf' or 'sentencepiece'")  # fmt: skip
         _check(g >= 1, "loss", "group_size", g, "must be >= 1")
+        _check(self.model.param_dtype == "float32", "model", "param_dtype", self.model.param_dtype,
+               "training needs float32 master parameters (bfloat16 ones lose updates smaller than their "
+               "rounding step); keep param_dtype='float32', set model.dtype='bfloat16' for bf16 compute")  # fmt: skip
+        _check(0 <= self.reward.max_invalid_frac <= 1, "reward", "max_invalid_frac", self.reward.max_invalid_frac,
+               "must be in [0, 1]")  # fmt: skip
+        _check(self.optim.warmup_steps >= 0, "optim", "warmup_steps", self.optim.warmup_steps, "must be >= 0")
         if self.loss.max_response_len:
             limit = self.rollout.max_new_tokens
             _check(self.loss.max_response_len == limit, "loss", "max_response_len", self.loss.max_response_len,

@@ -19,6 +19,7 @@ import numpy as np
 
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rewards.registry import OK
 from gtpo_jax.rollout.sampler import Sampler, SamplingConfig
 from gtpo_jax.training.collect import score_rollout, to_rows
 
@@ -44,19 +45,27 @@ def evaluate_policy(
     success_threshold: float = 0.5,
     chunk: int = 64,
     put: Callable[[np.ndarray], jax.Array] | None = None,
+    row_multiple: int = 1,
 ) -> dict[str, float]:
-    """`{"avg@k", "pass@1", "pass@k", "prompts"}` over `records`, `k = sampling.group_size`."""
+    """`{"avg@k", "pass@1", "pass@k", "prompts", "reward_invalid_frac"}` over `records`,
+    `k = sampling.group_size`. A sample whose reward errored, timed out or crashed counts as not
+    solved, and the fraction of such samples is reported (a broken verifier shows, not a weak
+    policy). Chunks are padded to a multiple of `row_multiple` (the mesh's batch width) so the
+    prompts stay split over the devices instead of being replicated on each."""
     k = sampling.group_size
     sampler = Sampler(sampling)
     chunk = min(chunk, len(records))
+    chunk = -(-chunk // row_multiple) * row_multiple
     correct_counts: list[int] = []
+    invalid = 0
     for start in range(0, len(records), chunk):
         part = list(records[start : start + chunk])
         real = len(part)
         part += [part[-1]] * (chunk - real)  # one compiled shape for every chunk
         rollout, _, _ = sampler(model, [encode(r) for r in part], jax.random.fold_in(key, start), put=put)
-        rewards = score_rollout(to_rows(rollout), part, tok, pool)  # each process scores its own rows
-        correct = (rewards > success_threshold)[:real]
+        rewards, status, _ = score_rollout(to_rows(rollout), part, tok, pool)  # each process scores its own rows
+        correct = ((rewards > success_threshold) & (status == OK))[:real]
+        invalid += int((status != OK)[:real].sum())
         correct_counts += [int(c) for c in correct.sum(axis=1)]
     n = len(correct_counts)
     return {
@@ -64,6 +73,7 @@ def evaluate_policy(
         "pass@1": float(np.mean([pass_at_k(k, c, 1) for c in correct_counts])),
         f"pass@{k}": float(np.mean([pass_at_k(k, c, k) for c in correct_counts])),
         "prompts": float(n),
+        "reward_invalid_frac": invalid / (n * k),
     }
 
 

@@ -69,6 +69,17 @@ def test_errors_name_file_line_and_fields(tmp_path):
         list(read_jsonl(tmp_path / "nope.jsonl"))
 
 
+@pytest.mark.parametrize(("preset", "raw"), [("dapo", {"problem": "p", "answer": "  "}),
+                                             ("gsm8k", {"question": "q", "answer": "work\n#### "}),
+                                             ("math", {"problem": "p", "solution": "so \\boxed{}"})])  # fmt: skip
+def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path, preset, raw):
+    # An empty reference would make an empty \boxed{} correct.
+    good = {"problem": "p", "question": "q", "answer": "#### 1" if preset == "gsm8k" else "1"}
+    path = _write(tmp_path, [good, raw], "e.jsonl")
+    with pytest.raises(DataError, match=r"e\.jsonl:2: the reference answer \(field 'answer'\) is empty"):
+        list(read_jsonl(path, preset))
+
+
 def test_parquet_with_field_map_and_row_errors(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

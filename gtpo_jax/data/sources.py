@@ -99,10 +99,14 @@ def to_record(raw: Any, fields: FieldMap, where: str, default_id: str) -> dict[s
     record = {k: v for k, v in raw.items() if k not in (fields.prompt, fields.id, fields.answer)}
     if fields.answer_from is not AnswerFrom.AS_IS and fields.answer in raw:
         record.setdefault("solution", raw[fields.answer])  # the worked solution the answer came from
+    answer = _answer(raw, fields, where)
+    if not answer.strip():
+        # An empty reference would make an empty \boxed{} (or an empty "Answer:") correct.
+        raise DataError(f"{where}: the reference answer (field {fields.answer!r}) is empty")
     record |= {
         "id": str(record_id) if record_id is not None else default_id,
         "prompt": str(raw[fields.prompt]),
-        "answer": _answer(raw, fields, where),
+        "answer": answer,
     }
     return record
 

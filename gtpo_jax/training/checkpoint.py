@@ -10,8 +10,9 @@ Each checkpoint (`run_dir/checkpoints/<step>/`) has three items:
 Restoring takes an abstract target whose leaves carry the *current* shardings, so a checkpoint
 written on one mesh restores onto another (8 devices -> 4 -> 1 is tested).
 
-`PreemptionGuard` turns SIGTERM (what a TPU VM gets before preemption) into a flag the loop
-checks after each step: it then saves and exits cleanly instead of dying mid-write.
+`PreemptionGuard` turns SIGTERM (what a TPU VM gets before preemption) into a flag; the loop
+shares it among processes (`training.loop.agreed`) after the rollout and after each step, so
+that every process saves the same step and exits cleanly instead of dying mid-write.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class Checkpointer:
         """The KL reference policy, kept once beside the step checkpoints (`<dir>/../reference`):
         written when a run starts (`save`), read back with `params`' shardings when it resumes."""
         path = self.directory.parent / "reference"
+        if not save and not path.exists():
+            raise FileNotFoundError(
+                f"{path}: the KL reference policy of this run is missing (loss.kl_coef > 0). It is written "
+                "before the step-0 checkpoint, so it was deleted or the run predates that order; start a new "
+                "train.run_dir, or set loss.kl_coef=0"
+            )
         with ocp.StandardCheckpointer() as ckptr:
             if save:
                 if path.exists():

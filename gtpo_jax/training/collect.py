@@ -12,6 +12,15 @@ device arrays split over the batch axes and is never gathered on a host. Each pr
 and scores only the rows on its own devices (`score_rollout`); the `[P, G]` rewards, lengths and
 finish flags are then shared with every process (a few bytes a response), so all processes take
 the same dynamic-sampling decisions. One process or many, the step computes the same thing.
+
+Reward health: each response carries a status (`rewards.registry.OK`, `ERROR`, `TIMEOUT`,
+`CRASH`); only OK responses are *valid*. Dynamic sampling decides informativeness on the valid
+responses, the loss leaves the others out (`losses.prepare_batch(valid=...)`), and the step's
+error / timeout / crash rates over everything sampled are returned with the first error's text.
+
+When the batch is short of informative groups, the zero-weight filler groups are spread over
+the mini-batches (the informative ones dealt out in turn), so that no optimiser step is made
+of filler alone while there are informative groups to share.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from jax.experimental import multihost_utils
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.models.sharding import rows_sharding
 from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rewards.registry import CRASH, ERROR, OK, TIMEOUT, reward_status
 from gtpo_jax.rollout.sampler import FINISH_LENGTH, Rollout, Sampler, pad_prompts
 
 
@@ -44,6 +54,13 @@ class GroupBatch:
     lengths: np.ndarray  # [P, G]
     truncated: np.ndarray  # [P, G] bool
     rewards: np.ndarray  # [P, G]
+    status: np.ndarray  # [P, G] int8: OK, ERROR, TIMEOUT or CRASH (rewards.registry)
+    first_error: str = ""  # the first scoring error's text, for the log
+
+    @property
+    def valid(self) -> np.ndarray:
+        """`[P, G]` bool: responses with a trustworthy reward."""
+        return self.status == OK
 
     def padded_prompts(self, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         return pad_prompts(self.prompt_ids, buckets, pad_id)
@@ -86,9 +103,10 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
 def score_rollout(
     rollout: Rollout, records: Sequence[dict[str, Any]], tok: Tokenizer, pool: RewardPool
-) -> np.ndarray:
-    """`[P, G]` rewards on every process; each process scores only the groups on its devices
-    (a group held by several processes is scored by the first of them)."""
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """`[P, G]` rewards and statuses on every process, and this process's first scoring error;
+    each process scores only the groups on its devices (a group held by several processes is
+    scored by the first of them)."""
     tokens, mask = local_rows(rollout.tokens), local_rows(rollout.mask)
     P, G = rollout.tokens.shape[:2]
     held = np.zeros(P, bool)
@@ -98,9 +116,12 @@ def score_rollout(
     completions = [tok.decode(tokens[p][g][mask[p][g]]) for p in mine for g in range(G)]
     scores = pool.score([records[p] for p in mine for _ in range(G)], completions)
     local = np.zeros((P, G), np.float32)
+    status = np.zeros((P, G), np.int8)
     if mine:
         local[mine] = np.asarray([s for s, _ in scores], np.float32).reshape(len(mine), G)
-    return allgather(local).sum(axis=0)
+        status[mine] = np.asarray([reward_status(info) for _, info in scores], np.int8).reshape(len(mine), G)
+    first_error = next((str(info.get("error", "")) for _, info in scores if "error" in info), "")
+    return allgather(local).sum(axis=0), allgather(status).sum(axis=0).astype(np.int8), first_error
 
 
 def sample_groups(
@@ -118,10 +139,9 @@ def sample_groups(
     rollout = to_rows(rollout)
     small = multihost_utils.process_allgather((rollout.lengths, rollout.finish_reason), tiled=True)
     lengths, finish = (np.asarray(a) for a in small)
-    return GroupBatch(
-        records, prompt_ids, rollout.tokens, rollout.mask, rollout.logp, lengths, finish == FINISH_LENGTH,
-        score_rollout(rollout, records, tok, pool),
-    )  # fmt: skip
+    rewards, status, first_error = score_rollout(rollout, records, tok, pool)
+    return GroupBatch(records, prompt_ids, rollout.tokens, rollout.mask, rollout.logp, lengths,
+                      finish == FINISH_LENGTH, rewards, status, first_error)  # fmt: skip
 
 
 @jax.jit
@@ -139,7 +159,20 @@ def select(parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> Grou
     records = sum((p.records for p in parts), [])
     ids = sum((p.prompt_ids for p in parts), [])
     return GroupBatch([records[i] for i in flat], [ids[i] for i in flat], tokens, mask, logp,
-                      pick("lengths"), pick("truncated"), pick("rewards"))  # fmt: skip
+                      pick("lengths"), pick("truncated"), pick("rewards"), pick("status"))  # fmt: skip
+
+
+def spread_fillers(kept: list, fillers: list, num_prompts: int, mini_batches: int) -> list:
+    """`num_prompts` rows, mini-batch after mini-batch: the kept (informative) rows dealt out in
+    turn, then each mini-batch topped up with filler rows. With no filler the order is kept."""
+    kept = kept[:num_prompts]
+    fillers = fillers[: num_prompts - len(kept)]
+    if not fillers or mini_batches <= 1:
+        return kept + fillers
+    size = num_prompts // mini_batches
+    slots = [kept[i::mini_batches] for i in range(mini_batches)]
+    rest = iter(fillers)
+    return [row for slot in slots for row in slot + [next(rest) for _ in range(size - len(slot))]]
 
 
 def collect(
@@ -156,8 +189,14 @@ def collect(
     max_refill_rounds: int,
     success_threshold: float,
     put: Callable[[np.ndarray], jax.Array],
+    mini_batches: int = 1,
 ) -> tuple[GroupBatch, dict[str, float]]:
-    """One rollout batch of exactly `num_prompts` groups, and collection statistics."""
+    """One rollout batch of exactly `num_prompts` groups, and collection statistics.
+
+    The statistics cover *everything sampled* this step (every refill round), before dynamic
+    sampling keeps the informative groups: `sampled_pass_rate` and `sampled_reward` (valid
+    responses), and `reward_error_rate`, `reward_timeout_rate`, `reward_crash_rate`,
+    `reward_invalid_rate` (all responses)."""
     parts: list[GroupBatch] = []
     kept: list[tuple[int, int]] = []
     spare: list[tuple[int, int]] = []
@@ -169,7 +208,8 @@ def collect(
         parts.append(part)
         sampled += len(records)
         correct = part.rewards > success_threshold
-        informative = correct.any(axis=1) & ~correct.all(axis=1)
+        valid = part.valid
+        informative = (correct & valid).any(axis=1) & (~correct & valid).any(axis=1)
         for row in range(len(records)):
             (kept if informative[row] or not dynamic_sampling else spare).append((rounds, row))
         if len(kept) >= num_prompts:
@@ -178,10 +218,20 @@ def collect(
     if len(kept) < num_prompts:
         logging.info("dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
                      len(kept), rounds + 1, num_prompts - len(kept))  # fmt: skip
-    batch = select(parts, (kept + spare)[:num_prompts])
+    batch = select(parts, spread_fillers(kept, spare, num_prompts, mini_batches))
+    status = np.concatenate([p.status for p in parts])
+    rewards = np.concatenate([p.rewards for p in parts])
+    ok = status == OK
     stats = {
         "sampling_rounds": float(rounds + 1),
         "prompts_sampled": float(sampled),
         "informative_groups": float(informative_groups),
+        "sampled_pass_rate": float((rewards > success_threshold)[ok].mean()) if ok.any() else float("nan"),
+        "sampled_reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
+        "reward_error_rate": float((status == ERROR).mean()),
+        "reward_timeout_rate": float((status == TIMEOUT).mean()),
+        "reward_crash_rate": float((status == CRASH).mean()),
+        "reward_invalid_rate": float((~ok).mean()),
     }
+    batch.first_error = next((p.first_error for p in parts if p.first_error), "")
     return batch, stats

@@ -7,6 +7,12 @@
         ppo_epochs x mini_batches: state = update(state, groups[mb], batch[mb])     jit
         metrics -> JSONL / TensorBoard / console ; checkpoint every N, at the end, on SIGTERM
 
+Stopping (SIGTERM, a TPU preemption) is decided by all processes together, at the same points:
+after the rollout (the update is then skipped; the resumed run samples the same rollout again)
+and after each step. Every process saves the same step and exits 0. With a KL term, the
+reference policy is saved before the step-0 checkpoint, so no preemption can leave a run that
+resumes without it.
+
 Randomness of step `s` comes from `fold_in(seed, s)`, the prompt order from the pipeline state
 saved in each checkpoint, and rewards are deterministic, so a run that is killed and resumed
 produces bit-identical parameters to one that never stopped (tested on CPU).
@@ -21,6 +27,8 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gtpo_jax.config import Config, to_dict
@@ -31,19 +39,32 @@ from gtpo_jax.data.tokenizer import load_tokenizer
 from gtpo_jax.evaluate import evaluate_policy
 from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
 from gtpo_jax.models import presets
-from gtpo_jax.models.sharding import abstract_model, create_sharded, rows_sharding
+from gtpo_jax.models.sharding import DEFAULT_RULES, abstract_model, create_sharded, rows_sharding
 from gtpo_jax.models.weights import load_hf
 from gtpo_jax.parallel.mesh import mesh_from_config
 from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rewards.registry import check_reward, get_reward
 from gtpo_jax.rollout.sampler import Sampler, SamplingConfig
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from gtpo_jax.training.collect import collect, render_prompt
 from gtpo_jax.training.metrics import MetricsWriter
 from gtpo_jax.training.state import TrainState, init_state, make_optimizer
-from gtpo_jax.training.update import Groups, StepFns
+from gtpo_jax.training.update import Groups, StepFns, mini_batch_fn
 from gtpo_jax.training.warmup import supervised_warmup
 
-CONSOLE_KEYS = ("reward", "pass_rate", "entropy_pos", "entropy_neg", "len_mean", "clip_frac_high", "grad_norm")
+CONSOLE_KEYS = ("sampled_pass_rate", "pass_rate", "entropy_pos", "entropy_neg", "len_mean", "clip_frac_high",
+                "grad_norm")  # fmt: skip
+
+
+class RewardHealthError(RuntimeError):
+    """Too many responses of a step have no valid reward: the verifier, not the policy, is failing."""
+
+
+def agreed(flag: bool) -> bool:
+    """`flag` on any process -> True on every process (a collective: call it at the same point on all)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
 def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -80,8 +101,9 @@ class Trainer:
         graphdef, abstract = abstract_model(model_cfg)
         self.model_cfg = model_cfg
         self.train_records, self.test_records = load_data(cfg)
-        total_updates = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
-        self.optimizer = make_optimizer(cfg.optim, total_updates)
+        updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
+        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step,
+                                        updates_per_step=updates_per_step)  # fmt: skip
         self.fns = StepFns(graphdef, abstract, cfg.loss, self.optimizer, cfg.rollout.temperature,
                            m.token_chunk, m.vocab_chunk, cfg.train.micro_batches)  # fmt: skip
         self.state = self._init_state(nnx.to_pure_dict(nnx.state(policy)))
@@ -102,6 +124,13 @@ class Trainer:
         )  # fmt: skip
         r = cfg.reward
         options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
+        # A reward that cannot work (an option it does not take, records without its field) fails
+        # here, naming the field, instead of scoring every response as a failure.
+        where = cfg.data.path or f"task {cfg.data.task!r}"
+        named = [(f"{where} record {i + 1} (id {x.get('id')})", x) for i, x in enumerate(self.train_records)]
+        named += [(f"{cfg.data.test_path or where} held-out record {i + 1} (id {x.get('id')})", x)
+                  for i, x in enumerate(self.test_records)]  # fmt: skip
+        check_reward(get_reward(r.name), options, named, prefix="reward")
         self.pool = RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)
         self.checkpointer = Checkpointer(
             f"{cfg.train.run_dir.rstrip('/')}/checkpoints", keep=cfg.train.keep_checkpoints
@@ -114,6 +143,12 @@ class Trainer:
         )
         self.ref_params = None
         self.meta: dict[str, Any] = {"config": to_dict(cfg)}
+        # Mini-batch rows are padded to a multiple of the mesh's batch width (and micro_batches),
+        # so they stay split over the devices.
+        self.batch_width = int(np.prod([self.mesh.shape[a] for a in DEFAULT_RULES["batch"] if a in self.mesh.shape]))
+        n = cfg.train.prompts_per_step // cfg.train.mini_batches
+        multiple = int(np.lcm(self.batch_width, cfg.train.micro_batches))
+        self.take_mini_batch = mini_batch_fn(self.mesh, n, -(-n // multiple) * multiple)
 
     # ---- helpers -------------------------------------------------------------------------
     def _init_state(self, params: Any) -> TrainState:
@@ -187,7 +222,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.wrap_key_data(self.state.rng), 1_000_003)  # same prompts, same draws
         return evaluate_policy(self.fns.model(self.state.params), self.tok, self.pool, records, self.encode, key,
                                sampling=sampling, success_threshold=self.cfg.loss.success_threshold,
-                               put=self._put)  # fmt: skip
+                               put=self._put, row_multiple=self.batch_width)  # fmt: skip
 
     def rollout(self) -> tuple[Any, Groups, Any, dict[str, Any]]:
         """Collects this step's groups and makes the loss batch: `(host batch, groups, loss batch, info)`."""
@@ -196,45 +231,72 @@ class Trainer:
             self.sampler, self.fns.model(self.state.params), self.tok, self.pool, self.pipeline, self.encode,
             self.state.key(0), num_prompts=cfg.train.prompts_per_step,
             dynamic_sampling=cfg.loss.dynamic_sampling, max_refill_rounds=cfg.rollout.max_refill_rounds,
-            success_threshold=cfg.loss.success_threshold, put=self._put,
+            success_threshold=cfg.loss.success_threshold, put=self._put, mini_batches=cfg.train.mini_batches,
         )  # fmt: skip
         stats["rollout_time_s"] = time.time() - t0
+        self._check_reward_health(stats, batch.first_error)
         prompts, valid = self._put(batch.padded_prompts(cfg.rollout.prompt_buckets, self.tok.pad_id))
         groups = Groups(prompts, valid, batch.tokens, batch.mask)
         old_logp, entropy = self.score_fn(self.state.params, groups)
         ref_logp = self.score_fn(self.ref_params, groups)[0] if self.ref_params is not None else None
-        host = self._put((batch.rewards, batch.lengths, batch.truncated))
-        loss_batch, batch_diag = self.prepare_fn(host[0], groups, old_logp, entropy, host[1], host[2], ref_logp)
+        rewards, valid, lengths, truncated = self._put((batch.rewards, batch.valid, batch.lengths, batch.truncated))
+        loss_batch, batch_diag = self.prepare_fn(rewards, valid, groups, old_logp, entropy, lengths, truncated,
+                                                 ref_logp)  # fmt: skip
         drift_mean, drift_max = _drift(old_logp, batch.sampler_logp, batch.mask)
         stats["logp_drift_mean"], stats["logp_drift_max"] = float(drift_mean), float(drift_max)
         stats.update(finalize_diagnostics(batch_diag))
         return batch, groups, loss_batch, stats
 
+    def _check_reward_health(self, stats: dict[str, float], first_error: str) -> None:
+        """Logs invalid rewards; stops the run when more than `reward.max_invalid_frac` are invalid."""
+        r, rate = self.cfg.reward, stats["reward_invalid_rate"]
+        if rate == 0:
+            return
+        what = (f"{100 * rate:.1f}% of the step's sampled responses have no valid reward (errors "
+                f"{100 * stats['reward_error_rate']:.1f}%, timeouts {100 * stats['reward_timeout_rate']:.1f}% at "
+                f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)"
+                + (f"; first error: {first_error}" if first_error else ""))  # fmt: skip
+        if rate > r.max_invalid_frac:
+            raise RewardHealthError(
+                f"step {int(self.state.step) + 1}: {what} > reward.max_invalid_frac={r.max_invalid_frac}. The "
+                f"verifier (reward.name={r.name!r}) is failing, not the policy; nothing of this step was trained on."
+            )
+        logging.warning("reward: %s; they are left out of the loss", what)
+
     def update(self, groups: Groups, loss_batch: Any) -> dict[str, float]:
-        """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole)."""
+        """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole).
+
+        A mini-batch without loss tokens takes no step; `empty_updates` counts them."""
         cfg, t0 = self.cfg, time.time()
         n = cfg.train.prompts_per_step // cfg.train.mini_batches
         diag, metrics = None, []
         for _ in range(cfg.train.ppo_epochs):
             for i in range(cfg.train.mini_batches):
-                rows = slice(i * n, (i + 1) * n)
-                mini = jax.tree.map(lambda x, rows=rows: x[rows], (groups, loss_batch))
+                mini = self.take_mini_batch((groups, loss_batch), jnp.int32(i * n))
                 self.state, m, d = self.update_fn(self.state, *mini)
-                metrics.append(m)
+                metrics.append(jax.device_get(m))
                 diag = d if diag is None else merge_diagnostics(diag, d)
         jax.block_until_ready(self.state.params)
+        empty = int(sum(m["empty_update"] for m in metrics))
+        trained = [m for m in metrics if not m["empty_update"]]
+        if empty:
+            logging.warning("%d of %d optimiser updates had no loss tokens and were skipped", empty, len(metrics))
         return {
             **finalize_diagnostics(diag),
-            "loss": float(np.mean([float(m["loss"]) for m in metrics])),
-            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in metrics])),
+            "loss": float(np.mean([float(m["loss"]) for m in trained])) if trained else float("nan"),
+            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in trained])) if trained else float("nan"),
             "skipped_updates": float(self.state.skipped),
+            "empty_updates": float(empty),
             "update_time_s": time.time() - t0,
         }
 
-    def step(self) -> dict[str, float]:
-        """One RL step (rollout, then update); returns its metrics."""
+    def step(self, stop_requested: Any = lambda: False) -> dict[str, float] | None:
+        """One RL step (rollout, then update); returns its metrics, or None when `stop_requested()`
+        (checked by every process together after the rollout) says to stop before the update."""
         t0 = time.time()
         batch, groups, loss_batch, record = self.rollout()
+        if stop_requested():
+            return None
         record.update(self.update(groups, loss_batch))
         self.state = self.state._replace(step=self.state.step + 1)
         tokens = float(batch.lengths.sum())
@@ -258,27 +320,36 @@ class Trainer:
                 self.warmup()
             self.meta["start_eval"] = self.evaluate()
             self.log(f"start: held-out {_fmt(self.meta['start_eval'])}")
+            if cfg.loss.kl_coef > 0:  # the reference is the policy RL starts from (after any warm-up),
+                # saved before step 0's checkpoint: a run with that checkpoint always has its reference
+                self.ref_params = self.checkpointer.reference(self.state.params, save=True)
             self.save()  # step 0: a resumed run never repeats the warm-up
         else:
             self.log(f"resumed from step {resumed} ({self.checkpointer.directory})")
-        if cfg.loss.kl_coef > 0:  # the reference is the policy RL starts from (after any warm-up)
-            self.ref_params = self.checkpointer.reference(self.state.params, save=resumed is None)
+            if cfg.loss.kl_coef > 0:
+                self.ref_params = self.checkpointer.reference(self.state.params, save=False)
         ran = 0
         with PreemptionGuard() as guard:
             while int(self.state.step) < cfg.train.steps:
-                record = self.step()
-                step, ran = int(self.state.step), ran + 1
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                    record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    self.metrics.write(step, record)
-                    self.metrics.progress(step, record, CONSOLE_KEYS)
-                stop = guard.requested or (cfg.train.stop_after and ran >= cfg.train.stop_after)
-                if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or stop:
+                record = self.step(lambda: agreed(guard.requested))
+                step = int(self.state.step)
+                if record is None:  # preempted after the rollout: the update is not made
+                    stop, why = True, "SIGTERM"
+                else:
+                    ran += 1
+                    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                        record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                    if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                        self.metrics.write(step, record)
+                        self.metrics.progress(step, record, CONSOLE_KEYS)
+                    signalled = agreed(guard.requested)  # every process decides the same, at the same step
+                    stop = signalled or bool(cfg.train.stop_after and ran >= cfg.train.stop_after)
+                    why = "SIGTERM" if signalled else "stop_after"
+                due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or stop
+                if due and self.checkpointer.latest_step() != step:  # (a stop before step 1's update)
                     self.save()
                 if stop:
-                    self.log(f"stopping at step {step} ({'SIGTERM' if guard.requested else 'stop_after'}); "
-                             f"resume with the same command")  # fmt: skip
+                    self.log(f"stopping at step {step} ({why}); resume with the same command")
                     return {"stopped_at": step, "start_eval": self.meta.get("start_eval", {})}
         final = self.evaluate()
         self.meta["final_eval"] = final

@@ -34,11 +34,14 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(
-    cfg: OptimSection, total_steps: int, learning_rate: float | None = None
+    cfg: OptimSection, total_steps: int, learning_rate: float | None = None, *, updates_per_step: int = 1
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, constant or cosine decay, and global-norm clipping."""
+    """AdamW with linear warm-up, constant or cosine decay, and global-norm clipping.
+
+    `total_steps` counts optimiser updates; `cfg.warmup_steps` counts RL steps of
+    `updates_per_step` updates each (ppo_epochs x mini_batches), as DAPO's recipe does."""
     peak = cfg.learning_rate if learning_rate is None else learning_rate
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    warmup = min(cfg.warmup_steps * updates_per_step, max(total_steps - 1, 0))
     if cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total_steps, warmup + 1))
     else:

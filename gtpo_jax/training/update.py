@@ -7,7 +7,10 @@ The update accumulates over `micro_batches` with `lax.scan`: each micro-batch co
 gradient of its loss *sum* and its *denominator*; the gradient of the mini-batch loss is
 `sum(grad loss_sum) / sum(denominator)` — exactly the gradient of `sum / sum` because the
 denominator does not depend on the parameters. A gradient (or loss) that is not finite skips
-the update: parameters and optimiser state are kept, and `skipped` is incremented.
+the update: parameters and optimiser state are kept, and `skipped` is incremented. A
+mini-batch with no loss tokens (only filler groups, or every response masked) takes no
+optimiser step either: AdamW would still move the weights by its stale momentum and weight
+decay. It is reported as `empty_update` and counted by the loop.
 """
 
 from __future__ import annotations
@@ -69,13 +72,13 @@ class StepFns:
         return run
 
     def prepare_fn(self):
-        """`(rewards, groups, old_logp, entropy, lengths, truncated, ref_logp) -> (LossBatch, diagnostics)`."""
+        """`(rewards, valid, groups, old_logp, entropy, lengths, truncated, ref_logp) -> (LossBatch, diagnostics)`."""
 
         @jax.jit
-        def run(rewards, groups: Groups, old_logp, entropy, lengths, truncated, ref_logp):
+        def run(rewards, valid, groups: Groups, old_logp, entropy, lengths, truncated, ref_logp):
             return prepare_batch(
                 self.loss_cfg, rewards=rewards, mask=groups.mask, old_logp=old_logp, entropy=entropy,
-                lengths=lengths, truncated=truncated, ref_logp=ref_logp,
+                lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid,
             )  # fmt: skip
 
         return run
@@ -107,18 +110,41 @@ class StepFns:
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(grad_norm) & jnp.isfinite(total)
+            has_tokens = den > 0
+            apply = finite & has_tokens
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
             new_state = state._replace(
                 params=keep(params, state.params),
                 opt_state=keep(opt_state, state.opt_state),
                 skipped=state.skipped + (~finite).astype(jnp.int32),
             )
-            metrics = {"loss": total * scale, "grad_norm": grad_norm, "update_finite": finite.astype(jnp.float32)}
+            metrics = {"loss": total * scale, "grad_norm": grad_norm, "update_finite": finite.astype(jnp.float32),
+                       "empty_update": (~has_tokens).astype(jnp.float32)}  # fmt: skip
             return new_state, metrics, diag
 
         return run
+
+
+def mini_batch_fn(mesh: Any, n: int, padded: int):
+    """`(tree, start) -> rows [start, start + n)` of every leaf, padded to `padded` rows and laid
+    out split over the mesh's batch axes (an eager slice would come back replicated on every
+    device). Padding repeats real rows (finite activations) with a zero loss mask, so it adds
+    nothing to the loss sums or denominators; `tree` is `(Groups, LossBatch)`."""
+    from gtpo_jax.models.sharding import rows_sharding
+
+    @jax.jit
+    def take(tree: Any, start: jax.Array) -> Any:
+        rows = start + jnp.arange(padded) % n
+        groups, batch = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
+        real = (jnp.arange(padded) < n).astype(batch.mask.dtype)
+        batch = batch._replace(mask=batch.mask * real.reshape(-1, *([1] * (batch.mask.ndim - 1))))
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape)), (groups, batch)
+        )
+
+    return take
 
 
 def _split(tree: Any, n: int) -> Any:
