@@ -36,7 +36,7 @@ def test_paper_config_train_step_traces_on_abstract_parameters(path, billions):
 
     logp, entropy = jax.eval_shape(fns.score_fn(), state.params, groups(P))
     assert logp.shape == entropy.shape == (P, G, T) and logp.dtype == jnp.float32
-    batch, _ = jax.eval_shape(fns.prepare_fn(), SDS((P, G), jnp.float32), groups(P), logp, entropy,
+    batch, _ = jax.eval_shape(fns.prepare_fn(), SDS((P, G), jnp.float32), SDS((P, G), bool), groups(P), logp, entropy,
                               SDS((P, G), jnp.int32), SDS((P, G), bool), None)  # fmt: skip
     assert batch.advantages.shape == (P, G, T) and batch.ref_logp is None  # no KL: no reference pass
     mb = P // t.mini_batches

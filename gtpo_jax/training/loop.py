@@ -254,14 +254,15 @@ class Trainer:
             return
         what = (f"{100 * rate:.1f}% of the step's sampled responses have no valid reward (errors "
                 f"{100 * stats['reward_error_rate']:.1f}%, timeouts {100 * stats['reward_timeout_rate']:.1f}% at "
-                f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)"
-                + (f"; first error: {first_error}" if first_error else ""))  # fmt: skip
+                f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)")  # fmt: skip
+        error = f"; first error: {first_error}" if first_error else ""
         if rate > r.max_invalid_frac:
             raise RewardHealthError(
-                f"step {int(self.state.step) + 1}: {what} > reward.max_invalid_frac={r.max_invalid_frac}. The "
-                f"verifier (reward.name={r.name!r}) is failing, not the policy; nothing of this step was trained on."
+                f"step {int(self.state.step) + 1}: {what}, more than reward.max_invalid_frac={r.max_invalid_frac}. "
+                f"The verifier (reward.name={r.name!r}) is failing, not the policy; nothing of this step was "
+                f"trained on{error}"
             )
-        logging.warning("reward: %s; they are left out of the loss", what)
+        logging.warning("reward: %s; they are left out of the loss%s", what, error)
 
     def update(self, groups: Groups, loss_batch: Any) -> dict[str, float]:
         """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole).

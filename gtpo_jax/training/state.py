@@ -40,17 +40,23 @@ def make_optimizer(
 
     `total_steps` counts optimiser updates; `cfg.warmup_steps` counts RL steps of
     `updates_per_step` updates each (ppo_epochs x mini_batches), as DAPO's recipe does."""
-    peak = cfg.learning_rate if learning_rate is None else learning_rate
-    warmup = min(cfg.warmup_steps * updates_per_step, max(total_steps - 1, 0))
-    if cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total_steps, warmup + 1))
-    else:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
-        ) if warmup else optax.constant_schedule(peak)  # fmt: skip
+    schedule = make_schedule(cfg, total_steps, learning_rate, updates_per_step=updates_per_step)
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
+
+
+def make_schedule(
+    cfg: OptimSection, total_steps: int, learning_rate: float | None = None, *, updates_per_step: int = 1
+) -> optax.Schedule:
+    """Learning rate as a function of the optimiser update count (see `make_optimizer`)."""
+    peak = cfg.learning_rate if learning_rate is None else learning_rate
+    warmup = min(cfg.warmup_steps * updates_per_step, max(total_steps - 1, 0))
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1), max(total_steps, warmup + 1))
+    if not warmup:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:

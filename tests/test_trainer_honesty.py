@@ -1,0 +1,153 @@
+"""The trainer never fails silently (issue "Every run honest"): empty optimiser steps, reward
+failures, misconfigured rewards, the learning-rate warm-up's unit, bfloat16 master weights, the
+KL reference across a preemption, and rows that stay sharded."""
+
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reward_helpers import always_fails, fails_on_odd_length
+from train_helpers import tiny_config
+
+from gtpo_jax.config import ConfigError, from_dict
+from gtpo_jax.models.sharding import make_mesh
+from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rewards.registry import RewardConfigError, RewardSpec
+from gtpo_jax.training.collect import spread_fillers
+from gtpo_jax.training.loop import RewardHealthError, Trainer
+from gtpo_jax.training.state import make_schedule
+
+
+def _arrays(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _equal(a, b):
+    return jax.tree.all(jax.tree.map(np.array_equal, _arrays(a), _arrays(b)))
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    # Plain GRPO without KL or dynamic sampling: every response token is in the loss.
+    cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 8,
+                                   "train.mini_batches": 2})  # fmt: skip
+    t = Trainer(cfg)
+    yield t
+    t.close()
+
+
+# ---- 3. A mini-batch without loss tokens takes no optimiser step ----------------------------
+def test_a_mini_batch_without_loss_tokens_does_not_move_the_weights(trainer):
+    trainer.warmup()
+    _, groups, loss_batch, _ = trainer.rollout()
+    trainer.update(groups, loss_batch)  # a real step: AdamW's momentum is now non-zero
+    before = (_arrays(trainer.state.params), _arrays(trainer.state.opt_state))
+    empty = loss_batch._replace(mask=jnp.zeros_like(loss_batch.mask))
+    metrics = trainer.update(groups, empty)
+    assert metrics["empty_updates"] == 2 and metrics["skipped_updates"] == 0 and np.isnan(metrics["loss"])
+    assert _equal(before, (trainer.state.params, trainer.state.opt_state))
+
+
+def test_filler_groups_are_spread_so_no_mini_batch_is_only_filler():
+    kept, fillers = ["a", "b", "c", "d"], ["w", "x", "y", "z"]
+    order = spread_fillers(kept, fillers, 8, 4)
+    assert [set(order[i : i + 2]) & set(kept) for i in range(0, 8, 2)] == [{"a"}, {"b"}, {"c"}, {"d"}]
+    assert sorted(order) == sorted(kept + fillers)
+    assert spread_fillers(kept, [], 4, 2) == kept  # a full batch keeps its order
+
+
+# ---- 4. Reward failures are counted, masked, and can stop the run -------------------------
+def test_a_reward_given_an_option_it_does_not_take_fails_at_start_up(tmp_path):
+    # configs/default.py sets reward.answer_pattern; DAPO's rule reads "Answer:" lines and takes none.
+    with pytest.raises(RewardConfigError, match=r"reward\.answer_pattern='.*' is set but reward 'dapo' does not take"):
+        Trainer(tiny_config(tmp_path, **{"reward.name": "dapo"}))
+
+
+def test_records_without_the_field_the_reward_reads_fail_at_start_up(tmp_path):
+    with pytest.raises(RewardConfigError, match=r"record 1 \(id .*\): reward 'countdown' needs .* field 'numbers'"):
+        Trainer(tiny_config(tmp_path, **{"reward.name": "countdown", "reward.answer_pattern": ""}))
+
+
+def test_reward_errors_are_counted_and_left_out_of_the_loss(trainer):
+    trainer.pool.close()
+    trainer.pool = RewardPool(RewardSpec("flaky", fails_on_odd_length, needs=()), num_workers=1)
+    batch, _, loss_batch, stats = trainer.rollout()
+    tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask)
+    odd = np.asarray([[len(trainer.tok.decode(tokens[p, g][mask[p, g]])) % 2 for g in range(tokens.shape[1])]
+                      for p in range(tokens.shape[0])], bool)  # fmt: skip
+    assert 0 < odd.mean() < 1
+    assert np.array_equal(batch.valid, ~odd)
+    assert (
+        stats["reward_error_rate"] == pytest.approx(odd.mean())
+        and stats["reward_invalid_rate"] == stats["reward_error_rate"]
+    )
+    assert stats["reward_timeout_rate"] == 0 and stats["reward_crash_rate"] == 0
+    assert np.all(np.asarray(loss_batch.mask)[odd] == 0)  # not scored as wrong: not in the loss at all
+    assert stats["valid_frac"] == pytest.approx(1 - odd.mean())
+
+
+def test_a_step_with_too_many_invalid_rewards_stops_the_run(trainer):
+    trainer.pool.close()
+    trainer.pool = RewardPool(RewardSpec("broken", always_fails, needs=()), num_workers=1)
+    why = r"100\.0% of the step's .*reward\.max_invalid_frac=0\.5.*first error: RuntimeError: verifier is broken"
+    with pytest.raises(RewardHealthError, match=why):
+        trainer.rollout()
+
+
+# ---- 7. Smaller things ----------------------------------------------------------------------
+def test_learning_rate_warm_up_counts_rl_steps():
+    optim = replace(from_dict({}).optim, learning_rate=1.0, warmup_steps=10)
+    schedule = make_schedule(optim, 16 * 100, updates_per_step=16)  # 16 mini-batches per RL step
+    assert float(schedule(16 * 5)) == pytest.approx(0.5) and float(schedule(16 * 10)) == pytest.approx(1.0)
+
+
+def test_bfloat16_parameters_are_refused_for_training():
+    with pytest.raises(ConfigError, match=r"model\.param_dtype='bfloat16': training needs float32 master"):
+        from_dict({"model": {"param_dtype": "bfloat16"}})
+    from_dict({"model": {"dtype": "bfloat16"}})  # bf16 compute is fine
+
+
+def test_kl_reference_survives_a_preemption_right_after_the_step_0_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "train.steps": 1, "warmup.steps": 5})
+    first = Trainer(cfg)
+    real_save = Trainer.save
+
+    def preempted(self):
+        real_save(self)
+        raise SystemExit("preempted")
+
+    monkeypatch.setattr(Trainer, "save", preempted)
+    with pytest.raises(SystemExit):
+        first.run()
+    first.close()
+    monkeypatch.setattr(Trainer, "save", real_save)
+    resumed = Trainer(cfg)
+    try:
+        result = resumed.run()  # restores step 0 and the reference
+        assert int(resumed.state.step) == 1 and "final_eval" in result
+        assert _equal(resumed.ref_params, first.state.params)
+    finally:
+        resumed.close()
+
+
+def test_mini_batches_and_eval_chunks_stay_split_over_the_devices(tmp_path):
+    assert jax.device_count() == 8
+    cfg = tiny_config(tmp_path, **{"train.prompts_per_step": 8, "train.mini_batches": 2, "eval.num_prompts": 4})
+    trainer = Trainer(cfg, mesh=make_mesh(fsdp=8))
+    try:
+        _, groups, loss_batch, _ = trainer.rollout()
+        mini = trainer.take_mini_batch((groups, loss_batch), jnp.int32(4))  # 4 rows, padded to 8
+        for x in jax.tree.leaves(mini):
+            assert x.shape[0] == 8 and not x.sharding.is_fully_replicated
+        assert np.array_equal(mini[0].tokens[:4], groups.tokens[4:]) and np.all(mini[1].mask[4:] == 0)
+        assert np.array_equal(mini[1].mask[:4], loss_batch.mask[4:])
+        placed = []
+        put = trainer._put
+        trainer._put = lambda tree: placed.append(put(tree)) or placed[-1]
+        result = trainer.evaluate(samples=2, num_prompts=4)
+        assert result["prompts"] == 4 and placed
+        assert all(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
+    finally:
+        trainer.close()
