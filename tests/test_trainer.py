@@ -61,6 +61,11 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
         assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["skipped_updates"] == 0
         assert 0 <= r["reward"] <= 1 and r["len_mean"] >= 1 and "clip_frac_high" in r and "entropy_mean" in r
         assert ("kl" in r) == (algorithm == "grpo")  # only GRPO's recipe has a KL term (and a reference)
+        # Everything sampled (before dynamic sampling) is reported beside the kept groups' rates,
+        # and so are reward failures, empty updates, wrong-sign fractions and the shaping's size.
+        assert 0 <= r["sampled_pass_rate"] <= 1 and r["reward_invalid_rate"] == 0 and r["empty_updates"] == 0
+        assert "wrong_sign_pos" in r and "wrong_sign_neg" in r
+        assert ("shaping_delta" in r) == (algorithm in ("gtpo", "grpo_s"))
     assert set(result["final_eval"]) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"}
     assert (tmp_path / "reference").exists() == (algorithm == "grpo")
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
@@ -145,5 +150,6 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
         assert int(other.state.step) == 1
         if n == 1:  # what `python -m gtpo_jax.evaluate` runs
             result = other.evaluate(samples=4, num_prompts=4)
-            assert set(result) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"} and 0 <= result["avg@4"] <= 1
+            assert set(result) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"}
+            assert 0 <= result["avg@4"] <= 1 and result["reward_invalid_frac"] == 0
         other.close()
