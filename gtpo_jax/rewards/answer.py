@@ -124,6 +124,7 @@ def normalize(text: str) -> str:
     """Spacing and sizing commands dropped, synonyms renamed, `$` and outer braces stripped."""
     text = text.strip().strip("$").strip()
     text = _SIZING.sub("", text)
+    text = re.sub(r",\\!\s*(?=\d{3}(?!\d))", ",", text)  # `11,\! 111`: LaTeX's thousands comma
     for before, after in _RENAMED:
         text = text.replace(before, after)
     text = _SPACING.sub(lambda m: "" if m.group(1) == "!" else " ", text)
@@ -155,17 +156,24 @@ def _screen(text: str) -> None:
             raise Rejected(f"environment {env!r} is not allowed (only {', '.join(ENVIRONMENTS)})")
     if re.search(r"\\(?:begin|end)(?!\{)", text):
         raise Rejected("\\begin / \\end without an environment name")
+    big_exponents = 0
     for m in re.finditer(r"\^\s*(\{|[0-9]+)", text):
         exponent = _braced(text, m.start(1), len(text)) if m.group(1) == "{" else m.group(1)
         if exponent is None:
             raise Rejected("an unclosed exponent")
         if "^" in exponent and not letters_of(exponent):
             raise Rejected("an exponent tower (too large to evaluate)")
-        for number in re.findall(r"\d+", exponent):
-            if int(number[:8]) > MAX_EXPONENT:
-                raise Rejected(f"an exponent over {MAX_EXPONENT}")
+        numbers = [int(n) for n in re.findall(r"\d+", exponent)]
+        if any(n > MAX_EXPONENT for n in numbers):
+            raise Rejected(f"an exponent over {MAX_EXPONENT}")
+        big_exponents += any(n > 100 for n in numbers)
+    if big_exponents > 1:
+        raise Rejected("more than one exponent over 100 (too large to evaluate)")
+    for m in re.finditer(r"\\binom", text):
+        if re.search(r"\^|\d{7}", text[m.end() : m.end() + 80]):
+            raise Rejected("a binomial of a huge number")
     for m in re.finditer(r"([0-9]*)\s*\)?\s*!", text):
-        if not m.group(1) or int(m.group(1)[:8]) > 1000:
+        if not m.group(1) or int(m.group(1)) > 1000:
             raise Rejected("a factorial of something other than a number <= 1000")
 
 
@@ -235,11 +243,18 @@ def _value(text: str, reference: Answer | None) -> Value:
         raise Rejected("a % inside the answer (in LaTeX, % starts a comment that hides the rest)")
     if not text:
         raise Rejected("an empty value")
-    if re.search(r"\d\s+\d", text) and not _THOUSANDS.fullmatch(text.replace(" ", ",")):
+    if re.search(r"\d\s+\d", text) and not _is_thousands(text, reference):
         raise Rejected("two numbers side by side (several candidate values?)")
-    if (reference is None or reference.kind == Kind.VALUE) and _THOUSANDS.fullmatch(text):
-        text = text.replace(",", "")
+    if _is_thousands(text, reference):
+        text = text.replace(",", "").replace(" ", "")
     return Value(text, percent)
+
+
+def _is_thousands(text: str, reference: Answer | None) -> bool:
+    """`1,234,567` (a space after the commas only in a trusted reference), where one value is due."""
+    if reference is None:
+        return bool(_THOUSANDS.fullmatch(text.replace(", ", ",")))
+    return reference.kind == Kind.VALUE and bool(_THOUSANDS.fullmatch(text))
 
 
 def _interval_or_tuple(text: str, reference: Answer | None) -> Answer | None:
@@ -273,7 +288,7 @@ def _structure(text: str, reference: Answer | None) -> Answer:
         return Answer(Kind.LIST, tuple(v for item in _split_top(text[2:-2], ",") for v in _expand_pm(item)))
     if (found := _interval_or_tuple(text, reference)) is not None:
         return found
-    items = [text] if (reference is None or reference.kind == Kind.VALUE) and _THOUSANDS.fullmatch(text) else None
+    items = [text.replace(" ", "")] if _is_thousands(text, reference) else None
     items = items or _split_top(text, ",")
     values = [v for item in items for v in _expand_pm(item, reference)]
     if len(values) > 1:

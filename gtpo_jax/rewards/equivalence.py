@@ -7,20 +7,23 @@ for everything else, structure first.
 - Values: integers, decimals, fractions and mixed numbers are compared exactly as fractions; a
   percentage `p\\%` equals a reference `p` or `p / 100`. Other values are read by math-verify's
   LaTeX parser (never sympy's `parse_expr`, which evaluates Python) and compared numerically to
-  30 digits: `|a - b| <= rel_tol * max(|a|, |b|)`, at three fixed points when they have variables
-  (the prediction's variables must be among the reference's). Zero is only equal to zero.
+  50 digits: `|a - b| <= rel_tol * max(|a|, |b|)`, at three fixed points when they have variables
+  (the prediction's variables must be among the reference's). Zero is only equal to zero, and
+  a rational reference only to an equal rational (or a closed form agreeing to 45 digits).
 - An EQUATION chain (`9 + 9 = 18`) counts as its last side only if all sides are equal; a
   general equation equals a reference equation when `lhs - rhs` of each differ by a constant factor.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
 from gtpo_jax.rewards.answer import Answer, Kind, Value
 
 DEFAULT_REL_TOL = 1e-9
+_EXACT_DIGITS = 50  # digits to which a non-rational form of a rational reference must agree
 _POINTS = ("0.5772156649", "1.6180339887", "-0.7071067812")  # irrational-looking, away from roots
 _NUMBER = r"\d+(?:\.\d*)?|\.\d+"
 _RATIONAL = [
@@ -64,15 +67,22 @@ def _sympy(latex: str):
 
 
 def _close(a, b, rel_tol: float) -> bool:
+    """Numeric equality of two constant sympy values: exact when both are rational (an integer or
+    fraction reference is never matched within a tolerance: a non-rational prediction must then
+    agree to `_EXACT_DIGITS` digits), else `|a - b| <= rel_tol * max(|a|, |b|)`."""
     if a == b:
         return True
     if not (a.is_number and b.is_number) or a.has(*_nonfinite()) or b.has(*_nonfinite()):
         return False
-    a, b = a.evalf(30), b.evalf(30)
-    if not (a.is_finite and b.is_finite):
-        return False
-    a, b = complex(a), complex(b)
-    return abs(a - b) <= rel_tol * max(abs(a), abs(b))
+    a, b = a.doit(), b.doit()
+    if a.is_Rational and b.is_Rational:
+        return a == b
+    if a.is_Rational:
+        rel_tol = min(rel_tol, 10.0 ** (5 - _EXACT_DIGITS))
+    x, y = complex(a.evalf(_EXACT_DIGITS)), complex(b.evalf(_EXACT_DIGITS))
+    if not all(map(math.isfinite, (x.real, x.imag, y.real, y.imag))):
+        return False  # overflowed: too large to compare
+    return abs(x - y) <= rel_tol * max(abs(x), abs(y))
 
 
 def _nonfinite():
@@ -95,8 +105,8 @@ def _same_expression(gold: str, pred: str, rel_tol: float) -> bool:
     pred_symbols = {s.name: s for s in p.free_symbols}
     for shift, point in enumerate(_POINTS):
         values = {name: Rational(_POINTS[(i + shift) % 3]) for i, name in enumerate(sorted(gold_symbols))}
-        at_g = g.subs({gold_symbols[n]: v for n, v in values.items()}).evalf(30)
-        at_p = p.subs({pred_symbols[n]: values[n] for n in pred_symbols}).evalf(30)
+        at_g = g.subs({gold_symbols[n]: v for n, v in values.items()}).evalf(_EXACT_DIGITS)
+        at_p = p.subs({pred_symbols[n]: values[n] for n in pred_symbols}).evalf(_EXACT_DIGITS)
         if not _close(at_g, at_p, rel_tol):
             return False
     return True
@@ -149,7 +159,7 @@ def _general_equation(gold: Answer, pred: Answer, rel_tol: float) -> bool:
     ratios = []
     for shift in range(3):
         values = {name: Rational(_POINTS[(i + shift) % 3]) for i, name in enumerate(names)}
-        at = [e.subs({s: values[s.name] for s in e.free_symbols}).evalf(30) for e in (g, p)]
+        at = [e.subs({s: values[s.name] for s in e.free_symbols}).evalf(_EXACT_DIGITS) for e in (g, p)]
         if not all(x.is_number and x.is_finite for x in at) or at[0] == 0 or at[1] == 0:
             return False
         ratios.append(complex(at[1]) / complex(at[0]))
