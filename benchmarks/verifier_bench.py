@@ -67,6 +67,9 @@ def run(name: str, cases: list[dict]) -> dict:
     seconds = np.array([info.get("seconds", TIMEOUT_S) for _, info in results])
     fp = [i for i, (c, (s, _)) in enumerate(zip(cases, results)) if s > 0 and not c["expected"]]
     fn = [i for i, (c, (s, _)) in enumerate(zip(cases, results)) if s <= 0 and c["expected"]]
+    def show(i: int) -> str:
+        return f"{cases[i]['kind']}: {cases[i]['completion'][-60:]!r} (gold {cases[i]['gold']!r})"
+
     return {
         "verifier": name,
         "cases": len(cases),
@@ -76,8 +79,8 @@ def run(name: str, cases: list[dict]) -> dict:
         "p50_ms": round(1000 * float(np.percentile(seconds, 50)), 2),
         "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 2),
         "max_ms": round(1000 * float(seconds.max()), 2),
-        "false_positive_cases": [f"{cases[i]['kind']}: {cases[i]['completion'][-60:]!r} (gold {cases[i]['gold']!r})" for i in fp],
-        "false_negative_cases": [f"{cases[i]['completion'][-60:]!r} (gold {cases[i]['gold']!r})" for i in fn],
+        "false_positive_cases": [show(i) for i in fp],
+        "false_negative_cases": [show(i) for i in fn],
     }
 
 

@@ -63,9 +63,10 @@ def test_no_case_comes_near_the_pool_time_limit(corpus_results):
 
 def test_rejections_say_why():
     gold = parse_answer("18")
-    for pred, reason in [("\\phantom{7}18", "\\phantom"), ("\\color{white}{7}18", "\\color"), ("18 \\text{ or } 17", "words"),
-                         ("18 or 17", "'or'"), ("18x", "variables x"), ("9^{9^{9^9}}", "tower"),
-                         ("18 % 17", "comment"), ("18 \\approx 17", "\\approx"), ("17 18", "side by side")]:  # fmt: skip
+    for pred, reason in [("\\phantom{7}18", "\\phantom"), ("\\color{white}{7}18", "\\color"),
+                         ("18 \\text{ or } 17", "words"), ("18 or 17", "'or'"), ("18x", "variables x"),
+                         ("9^{9^{9^9}}", "tower"), ("18 % 17", "comment"), ("18 \\approx 17", "\\approx"),
+                         ("17 18", "side by side"), ("17\\text{ cm}+1", "middle")]:  # fmt: skip
         with pytest.raises(Rejected, match=reason.replace("\\", "\\\\")):
             parse_answer(pred, gold)
     with pytest.raises(Rejected, match="variable = value"):

@@ -177,9 +177,9 @@ def _screen(text: str) -> None:
             raise Rejected("a factorial of something other than a number <= 1000")
 
 
-def _unwrap_text(text: str, reference_letters: frozenset[str]) -> tuple[str, bool]:
-    """`\\text{...}` groups: numbers kept, units dropped; words raise. Returns (text, had_units)."""
-    out, had_units, i = [], False, 0
+def _unwrap_text(text: str) -> str:
+    """`\\text{...}` groups: numbers kept, units at the end dropped; words raise."""
+    out, i = [], 0
     while (j := text.find("\\text", i)) >= 0:
         out.append(text[i:j])
         k = j + len("\\text")
@@ -195,14 +195,15 @@ def _unwrap_text(text: str, reference_letters: frozenset[str]) -> tuple[str, boo
                 raise Rejected(f"\\text{{{content[:40]}}} holds symbols, not an answer")
             out.append(content)
         elif all(w in UNITS for w in words) and re.fullmatch(r"[A-Za-z\s.]*", content):
-            had_units = True
             if m := re.match(r"\s*\^\s*(?:\{\s*[23]\s*\}|[23])", text[k + len(inner) + 2 :]):
                 k += len(m.group(0))  # `\text{ cm}^2`
+            if text[k + len(inner) + 2 :].strip():
+                raise Rejected(f"a unit (\\text{{{content[:40]}}}) in the middle of the answer")
         else:
             raise Rejected(f"words in the answer: \\text{{{content[:40]}}} (only units may follow a value)")
         i = k + len(inner) + 2
     out.append(text[i:])
-    return "".join(out), had_units
+    return "".join(out)
 
 
 def _split_top(text: str, separator: str) -> list[str]:
@@ -225,14 +226,14 @@ def _split_top(text: str, separator: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _strip_units(text: str, reference_letters: frozenset[str]) -> tuple[str, bool]:
+def _strip_units(text: str, reference_letters: frozenset[str]) -> str:
     """Drops degrees, a leading/trailing `\\$` and trailing bare unit words (`18 dollars`)."""
-    text, n_deg = _DEGREES.subn("", text)
+    text = _DEGREES.sub("", text)
     text = re.sub(r"^\\\$\s*|\s*\\\$$", "", text).strip()
     m = re.search(r"(?<=[\d}])\s*([A-Za-z]+(?:\s+[A-Za-z]+)?)(?:\^[23])?$", text)
     if m and all(w in UNITS for w in m.group(1).split()) and not set(m.group(1)) <= reference_letters:
-        return text[: m.start()].strip(), True
-    return text.strip(), n_deg > 0
+        return text[: m.start()].strip()
+    return text.strip()
 
 
 def _value(text: str, reference: Answer | None) -> Value:
@@ -327,12 +328,12 @@ def parse_answer(text: str, reference: Answer | None = None) -> Answer:
         return Answer(Kind.TEXT, text=_text_answer(raw))
     ref_letters = reference.letters if reference is not None else frozenset()
     try:
-        body, _ = _unwrap_text(raw, ref_letters)
+        body = _unwrap_text(raw)
     except Rejected:
         if reference is None and re.fullmatch(r"[\\\w\s{}().,'-]*", raw):
             return Answer(Kind.TEXT, text=_text_answer(raw))
         raise
-    body, _ = _strip_units(body, ref_letters)
+    body = _strip_units(body, ref_letters)
     body = normalize(body)
     sides = _split_top(body, "=")
     if len(sides) == 1 and len(in_sides := _split_top(body, "\\in")) == 2:

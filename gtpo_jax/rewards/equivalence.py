@@ -30,8 +30,17 @@ _RATIONAL = [
     (re.compile(rf"(-?)({_NUMBER})"), lambda m: Fraction(m.group(2))),
     (re.compile(rf"(-?)\\frac\{{(-?{_NUMBER})\}}\{{(-?{_NUMBER})\}}"), lambda m: _div(m.group(2), m.group(3))),
     (re.compile(rf"(-?)\(?({_NUMBER})\s*/\s*({_NUMBER})\)?"), lambda m: _div(m.group(2), m.group(3))),
-    (re.compile(rf"(-?)(\d+)\s*\\frac\{{(\d+)\}}\{{(\d+)\}}"), lambda m: Fraction(m.group(2)) + _div(m.group(3), m.group(4))),
+    (re.compile(rf"(-?)(\d+)\s*\\frac\{{(\d+)\}}\{{(\d+)\}}"),
+     lambda m: Fraction(m.group(2)) + _div(m.group(3), m.group(4))),  # mixed number 1\frac{4}{5}
+    (re.compile(r"(-?)(\d*)\.(\d*)\\overline\{(\d{1,20})\}"), lambda m: _repeating(*m.group(2, 3, 4))),
 ]  # fmt: skip
+
+
+def _repeating(whole: str, fixed: str, period: str) -> Fraction:
+    """`0.1\\overline{6}` = 1/6: the period repeats after the fixed digits."""
+    shift = 10 ** len(fixed)
+    repeated = Fraction(int(period), shift * (10 ** len(period) - 1))
+    return Fraction(int(whole or 0)) + Fraction(int(fixed or 0), shift) + repeated
 
 
 def _div(a: str, b: str) -> Fraction | None:
