@@ -1,8 +1,12 @@
 """Verifiable rewards for math answers: `(record, completion) -> (score, info)`.
 
-- `math_reward`: the completion's last `\\boxed{}` (or a configured answer pattern) is checked
-  against `record["answer"]` for mathematical equivalence with math-verify (HF's verifier),
-  through its LaTeX parser only: math-verify's plain-expression path hands text to sympy's
+- `math_reward`: the completion's last `\\boxed{}` (else a configured answer pattern, else a
+  GSM8K-style `#### N` final line) is checked against `record["answer"]`. Strict mode (the
+  default) first parses it with the answer grammar of `rewards/answer.py`, which rejects extra
+  words, several candidates, hiding or colour commands and relations that do not hold, then
+  compares with `rewards/equivalence.py` (exact rationals, relative tolerance `rel_tol`).
+  `strict=False` is the former lenient check: math-verify (HF's verifier) equivalence. Either
+  way only math-verify's LaTeX parser is used: its plain-expression path hands text to sympy's
   `parse_expr`, which evaluates Python, and is never used. 1 or 0.
 - `dapo_reward`: DAPO's rule: the last `Answer:` line within the final 300 characters, equal to
   the reference after Minerva normalisation. +1 or -1.
@@ -19,7 +23,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from gtpo_jax.rewards.answer import Rejected, normalize, parse_answer
+from gtpo_jax.rewards.equivalence import DEFAULT_REL_TOL, canonical, equivalent_answers
 from gtpo_jax.rewards.extract import answer_line, is_plain, last_boxed, normalize_final_answer, pattern_answer
+
+GSM8K_FINAL_LINE = r"(?m)^[ \t]*####[ \t]*(\S[^\n]{0,63}?)[ \t]*$"
 
 # Unicode forms that LaTeX parsers do not read, mapped to LaTeX.
 _UNICODE_MATH = [(re.compile(r"√\s*(\{[^{}]{0,64}\}|[\w.]{1,64})"), r"\\sqrt{\1}"), (re.compile("−"), "-"),
@@ -34,14 +42,20 @@ def gold_answer(record: Mapping[str, Any]) -> str:
     return gold.rsplit("####", 1)[-1].strip() if "####" in gold else gold.strip()
 
 
-def to_latex(answer: str) -> str:
+def unicode_to_latex(answer: str) -> str:
+    """`√2`, `−`, `×`, `π` as LaTeX; surrounding `$` and spaces stripped."""
     answer = answer.strip().strip("$").strip()
     for pattern, repl in _UNICODE_MATH:
         answer = pattern.sub(repl, answer)
-    return re.sub(r"\{\{(.*)\}\}", r"{\1}", answer)
+    return answer
 
 
-def _latex_parse(answer: str, timeout_s: int) -> list:
+def to_latex(answer: str) -> str:
+    return re.sub(r"\{\{(.*)\}\}", r"{\1}", unicode_to_latex(answer))
+
+
+def latex_parse(answer: str, timeout_s: int = 3) -> list:
+    """math-verify's LaTeX parser only (`[sympy object, string]`, or `[]`); nothing is evaluated."""
     from math_verify import LatexExtractionConfig, parse
 
     config = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)]
@@ -54,10 +68,30 @@ def equivalent(gold: str, pred: str, *, timeout_s: int = 3) -> bool:
 
     if normalize_final_answer(gold) == normalize_final_answer(pred):
         return True
-    gold_parsed, pred_parsed = _latex_parse(to_latex(gold), timeout_s), _latex_parse(to_latex(pred), timeout_s)
+    gold_parsed, pred_parsed = latex_parse(to_latex(gold), timeout_s), latex_parse(to_latex(pred), timeout_s)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+
+
+def strict_equivalent(gold: str, pred: str, *, rel_tol: float = DEFAULT_REL_TOL) -> tuple[bool, str | None]:
+    """(correct, why rejected): `pred` parsed by the answer grammar against the parsed `gold`.
+
+    A prediction that is the reference's own text (up to spacing) is correct. A reference the
+    grammar cannot read (rare; e.g. `n!`) is compared only that way.
+    """
+    gold, pred = unicode_to_latex(gold), unicode_to_latex(pred)
+    if canonical(normalize(gold)) == canonical(normalize(pred)):
+        return True, None
+    try:
+        reference = parse_answer(gold)
+    except Rejected as e:
+        return False, f"reference {gold[:60]!r} is outside the answer grammar ({e}); only its exact text is accepted"
+    try:
+        answer = parse_answer(pred, reference)
+    except Rejected as e:
+        return False, str(e)
+    return equivalent_answers(reference, answer, rel_tol), None
 
 
 def final_answer(completion: str, answer_pattern: str | None = None) -> str | None:
@@ -69,14 +103,25 @@ def final_answer(completion: str, answer_pattern: str | None = None) -> str | No
 
 
 def math_reward(
-    record: Mapping[str, Any], completion: str, *, answer_pattern: str | None = None, timeout_s: int = 3
+    record: Mapping[str, Any],
+    completion: str,
+    *,
+    answer_pattern: str | None = None,
+    timeout_s: int = 3,
+    strict: bool = True,
+    rel_tol: float = DEFAULT_REL_TOL,
 ) -> tuple[float, dict]:
-    pred = final_answer(completion, answer_pattern)
+    """1 when the final answer equals `record["answer"]`, else 0; `info["rejected"]` says why a
+    strict-mode answer was refused before comparison."""
+    pred = final_answer(completion, answer_pattern) or pattern_answer(completion, GSM8K_FINAL_LINE)
     if pred is None:
         return 0.0, {"extracted": None}
     if not is_plain(pred):
         return 0.0, {"extracted": pred[:100], "rejected": "control characters or look-alike digits"}
-    return float(equivalent(gold_answer(record), pred, timeout_s=timeout_s)), {"extracted": pred[:100]}
+    if not strict:
+        return float(equivalent(gold_answer(record), pred, timeout_s=timeout_s)), {"extracted": pred[:100]}
+    correct, why = strict_equivalent(gold_answer(record), pred, rel_tol=rel_tol)
+    return float(correct), {"extracted": pred[:100]} | ({"rejected": why} if why else {})
 
 
 def dapo_reward(record: Mapping[str, Any], completion: str) -> tuple[float, dict]:
