@@ -72,8 +72,9 @@ def test_bfloat16_parameters_load_and_run(tmp_path):
     assert np.abs(logits[valid] - reference[valid]).max() < 0.1  # bfloat16 rounding only
 
 
-def test_kv_cache_decoding_equals_the_full_forward():
-    model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("preset", ["tiny_qwen2", "tiny_gemma3"])
+def test_kv_cache_decoding_equals_the_full_forward(preset):
+    model = Transformer(get_preset(preset), rngs=nnx.Rngs(0))
     tokens, valid, positions = padded_batch()
     full, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
     cache = KVCache.empty(model.cfg, tokens.shape[0], 16)
