@@ -29,7 +29,9 @@ def save_tiny(kind: str, directory: str, seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "qwen3":
-        cfg = transformers.Qwen3Config(**SIZES, head_dim=32, rope_theta=1e6, tie_word_embeddings=False, rms_norm_eps=1e-6)
+        cfg = transformers.Qwen3Config(
+            **SIZES, head_dim=32, rope_theta=1e6, tie_word_embeddings=False, rms_norm_eps=1e-6
+        )
         model = transformers.Qwen3ForCausalLM(cfg)
     elif kind == "gemma3":
         cfg = transformers.Gemma3TextConfig(

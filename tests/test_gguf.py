@@ -98,7 +98,9 @@ def test_gemma3_270m_answers_and_matches_transformers_greedy_tokens(gemma3_dir):
     assert ids == [2, 105, 2364, 107, 3689, 563, 506, 5279, 529, 7001, 236881, 106, 107, 105, 4368, 107]
     # The PyPI GGUF is the pretrained google/gemma-3-270m, not the instruction-tuned one: it
     # continues a chat turn rather than answering it, so it is asked in the plain Q/A form.
-    ids = tok.encode("Question: What is the capital of Germany?\nAnswer: Berlin\nQuestion: What is the capital of France?\nAnswer:")
+    ids = tok.encode(
+        "Question: What is the capital of Germany?\nAnswer: Berlin\nQuestion: What is the capital of France?\nAnswer:"
+    )
     assert ids[0] == tok.bos_id
     ours = [int(t) for t in np.asarray(greedy(model, jnp.asarray([ids]), 12)[0])]
     answer = tok.decode(ours)

@@ -49,7 +49,9 @@ def test_export_then_reload_gives_identical_parameters_and_transformers_reads_it
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Byte-identical tensors to the original checkpoint, and transformers loads our export.
     original, exported = CheckpointReader(tmp_path / "hf"), CheckpointReader(tmp_path / "out")
-    assert sorted(exported.keys()) == sorted(k for k in original.keys() if k != "lm_head.weight" or kind not in ("qwen2", "gemma3"))
+    assert sorted(exported.keys()) == sorted(
+        k for k in original.keys() if k != "lm_head.weight" or kind not in ("qwen2", "gemma3")
+    )
     for name in exported.keys():
         np.testing.assert_array_equal(exported[name], original[name])
     served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -129,7 +131,9 @@ def test_sharded_forward_equals_single_device(data, fsdp, tensor, tmp_path):
     loaded = load_hf(tmp_path, mesh=mesh)
     expected = param_shardings(loaded, mesh)["layers"]["attn"]["q"]["kernel"]
     assert loaded.layers.attn.q.kernel[...].sharding == expected
-    np.testing.assert_array_equal(np.asarray(loaded.layers.attn.q.kernel[...]), np.asarray(single.layers.attn.q.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.layers.attn.q.kernel[...]), np.asarray(single.layers.attn.q.kernel[...])
+    )
 
 
 def test_uneven_dimensions_fall_back_to_replication():

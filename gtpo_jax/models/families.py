@@ -200,12 +200,14 @@ FAMILIES: dict[str, Family] = {
             stop_tokens=("<|eot_id|>", "<|im_end|>"), gguf_rotary_permuted=True,
         ),
         Family(
-            name="qwen2", hf_architecture="Qwen2ForCausalLM", hf_model_types=("qwen2",), switches=_SWITCHES | {"qkv_bias": True},
+            name="qwen2", hf_architecture="Qwen2ForCausalLM", hf_model_types=("qwen2",),
+            switches=_SWITCHES | {"qkv_bias": True},
             block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
             read_config=_read_qwen, write_config=lambda cfg: {}, stop_tokens=("<|im_end|>", "<|endoftext|>"),
         ),
         Family(
-            name="qwen3", hf_architecture="Qwen3ForCausalLM", hf_model_types=("qwen3",), switches=_SWITCHES | {"qk_norm": True},
+            name="qwen3", hf_architecture="Qwen3ForCausalLM", hf_model_types=("qwen3",),
+            switches=_SWITCHES | {"qk_norm": True},
             block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
             read_config=_read_qwen, write_config=lambda cfg: {"attention_bias": False},
             stop_tokens=("<|im_end|>", "<|endoftext|>"),
@@ -274,26 +276,32 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         if getattr(cfg, name) != value:
             raise ValueError(f"model.{name}={getattr(cfg, name)!r}: a {fam.name} checkpoint needs {value!r}")
     written = fam.write_config(cfg)
-    if "layer_types" not in written and (cfg.sliding_window or cfg.rope_local_theta or cfg.query_pre_attn_scalar != cfg.head_dim):
+    if "layer_types" not in written and (
+        cfg.sliding_window or cfg.rope_local_theta or cfg.query_pre_attn_scalar != cfg.head_dim
+    ):
         raise ValueError(
             f"a {fam.name} config.json has no sliding-window layers, local rope base or query_pre_attn_scalar "
             f"(model.sliding_window={cfg.sliding_window}, rope_local_theta={cfg.rope_local_theta}, "
             f"query_pre_attn_scalar={cfg.query_pre_attn_scalar})"
         )
-    return {
-        "architectures": [fam.hf_architecture],
-        "model_type": fam.hf_model_types[0],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        fam.activation_key: fam.hf_activation,
-        "torch_dtype": cfg.param_dtype,
-    } | _rope_to_hf(cfg) | written
+    return (
+        {
+            "architectures": [fam.hf_architecture],
+            "model_type": fam.hf_model_types[0],
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            fam.activation_key: fam.hf_activation,
+            "torch_dtype": cfg.param_dtype,
+        }
+        | _rope_to_hf(cfg)
+        | written
+    )

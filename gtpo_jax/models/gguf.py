@@ -96,7 +96,9 @@ def gguf_config(reader) -> ModelConfig:
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     heads = int(field(f"{a}.attention.head_count"))
     hidden = int(field(f"{a}.embedding_length"))
-    head_dim = int(_field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads)))
+    head_dim = int(
+        _field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))
+    )
     fields = dict(
         vocab_size=int(_field(reader, f"{a}.vocab_size", len(field("tokenizer.ggml.tokens")))),
         hidden_size=hidden,

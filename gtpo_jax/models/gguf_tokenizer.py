@@ -82,9 +82,15 @@ def gguf_tokenizer(field: Field, fallback_chat_template: str | None = None) -> t
     elif model == "llama":
         tok = _sentencepiece_bpe(field, tokens, types)
     else:
-        raise ValueError(f"GGUF tokenizer.ggml.model={model!r}: expected 'gpt2' (byte-level BPE) or 'llama' (SentencePiece)")
+        raise ValueError(
+            f"GGUF tokenizer.ggml.model={model!r}: expected 'gpt2' (byte-level BPE) or 'llama' (SentencePiece)"
+        )
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=True) if k == CONTROL_TOKEN]
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == CONTROL_TOKEN
+        ]
     )
     tok.add_tokens(
         [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types, strict=True) if k == USER_TOKEN]

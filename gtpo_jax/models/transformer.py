@@ -100,7 +100,8 @@ class ModelConfig:
         object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {FULL, SLIDING}:
             raise ValueError(
-                f"model.layer_types={self.layer_types!r}: expected {self.num_layers} entries, each {FULL!r} or {SLIDING!r}"
+                f"model.layer_types={self.layer_types!r}: expected {self.num_layers} entries, "
+                f"each {FULL!r} or {SLIDING!r}"
             )
         if (SLIDING in self.layer_types) != (self.sliding_window > 0):
             raise ValueError(
@@ -333,7 +334,9 @@ class Transformer(nnx.Module):
         local = full & (key_slots[None, :] > query_slots[:, None] - cfg.sliding_window)
         # Per layer: which mask and which rotary frequencies (index 0 full, 1 sliding).
         sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
-        inv_freqs = jnp.stack([rope_frequencies(cfg), rope_frequencies(cfg, cfg.rope_local_theta or None, scaled=False)])
+        inv_freqs = jnp.stack(
+            [rope_frequencies(cfg), rope_frequencies(cfg, cfg.rope_local_theta or None, scaled=False)]
+        )
         graphdef, params = nnx.split(self.layers)
 
         def layer(x, xs):
