@@ -17,13 +17,31 @@ SIZES = dict(
 )
 
 
+GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+
+
 def save_tiny(kind: str, directory: str, seed: int = 0):
-    """Saves a tiny `llama`, `llama3` (rope scaling) or `qwen2` (qkv bias, tied) model; returns it."""
+    """Saves a tiny `llama`, `llama3` (rope scaling), `qwen2` (qkv bias, tied), `qwen3` (QK-norm,
+    head_dim independent of hidden / heads) or `gemma3` (sliding window of 4 on layers 0 and 2,
+    two rope bases, linear rope scaling, (1 + w) norms, tied) model; returns it."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    if kind == "qwen2":
+    if kind == "qwen3":
+        cfg = transformers.Qwen3Config(
+            **SIZES, head_dim=32, rope_theta=1e6, tie_word_embeddings=False, rms_norm_eps=1e-6
+        )
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif kind == "gemma3":
+        cfg = transformers.Gemma3TextConfig(
+            **(SIZES | {"num_hidden_layers": 3}), head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+            layer_types=GEMMA3_LAYERS, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        )  # fmt: skip
+        model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**SIZES, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)
         model = transformers.Qwen2ForCausalLM(cfg)
         with torch.no_grad():  # HF initialises biases at 0; make them matter
@@ -34,6 +52,10 @@ def save_tiny(kind: str, directory: str, seed: int = 0):
         extra = {"rope_scaling": LLAMA3_ROPE} if kind == "llama3" else {}
         cfg = transformers.LlamaConfig(**SIZES, rope_theta=5e5, tie_word_embeddings=False, rms_norm_eps=1e-5, **extra)
         model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # HF initialises norms at 1 (Gemma: 0); make them matter
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0 if kind == "gemma3" else 1.0, 0.2)
     model.eval()
     model.save_pretrained(directory)
     return model

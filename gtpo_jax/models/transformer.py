@@ -1,15 +1,25 @@
-"""One decoder-only transformer for the Llama (2, 3) and Qwen2 / Qwen2.5 families, in Flax NNX.
+"""One decoder-only transformer for the Llama, Qwen2, Qwen3 and Gemma 3 families, in Flax NNX.
 
-RMSNorm, rotary position embeddings (configurable theta, optional Llama-3 frequency scaling),
-grouped-query attention with optional q/k/v bias (Qwen2), a SwiGLU MLP, tied or untied
-embeddings. Every parameter carries `logical_axes` metadata (`models/sharding.py` maps them to
-a mesh). Shapes: `B` batch, `T` new tokens, `S` cache slots, `d` hidden size, `H` / `K` query /
-key-value heads of size `D`.
+RMSNorm (`w * x` or Gemma's `(1 + w) * x`), rotary position embeddings (configurable theta,
+Llama-3 or linear frequency scaling, a second base for sliding-window layers), grouped-query
+attention with optional q/k/v bias (Qwen2), optional per-head QK-norm (Qwen3, Gemma 3), optional
+sliding-window layers (Gemma 3's local layers), a gated MLP (SiLU or tanh-GELU), optional norms
+after attention and MLP (Gemma 3), tied or untied embeddings, optionally scaled by `sqrt(d)`.
+The model reads only these switches of `ModelConfig`; which family sets which is recorded in
+`models/families.py`. Every parameter carries `logical_axes` metadata (`models/sharding.py`
+maps them to a mesh). Shapes: `L` layers, `B` batch, `T` new tokens, `S` cache slots, `d`
+hidden size, `H` / `K` query / key-value heads of size `D`.
+
+The layers are one `Block` whose parameters are stacked along a leading `layers` axis `[L, ...]`
+and run under `jax.lax.scan`: one layer is compiled whatever the depth. Each layer's attention
+kind (full or sliding window) is a scanned flag, not a Python branch.
 
 Left padding: the caller passes `positions` (rotary position of each token, counted over the
 real tokens only) and `valid` (False on padding); attention never looks at invalid keys. The
 KV cache holds `S` slots per layer; a call with `T` tokens writes slots `[end, end + T)`, the
-same for every row, so prompts left-padded to one length decode in lockstep.
+same for every row, so prompts left-padded to one length decode in lockstep. A sliding window
+of `W` lets a query in slot `s` see keys in slots `(s - W, s]` (real tokens of a left-padded
+row sit in consecutive slots, so this is the window in positions too).
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, named as in HF `layer_types`
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +59,30 @@ class ModelConfig:
     head_dim: int = 0  # 0 = hidden_size // num_heads
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_linear_factor: float = 1.0  # positions / factor on full-attention layers (Gemma 3 4B: 8)
+    rope_local_theta: float = 0.0  # rotary base of sliding-window layers; 0 = rope_theta
     rms_norm_eps: float = 1e-6
-    qkv_bias: bool = False  # True for Qwen2
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # RMSNorm over each query / key head before rotary (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # norms compute (1 + w) * x, w initialised at 0 (Gemma)
+    post_norms: bool = False  # norms after attention and after the MLP too (Gemma 3)
+    activation: str = "silu"  # gated MLP activation: "silu" or "gelu_tanh" (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    query_pre_attn_scalar: int = 0  # attention scores / sqrt(this); 0 = head_dim (all but Gemma)
+    sliding_window: int = 0  # keys a sliding-window layer sees (itself included); 0 = none
+    layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer; () = all FULL
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"  # storage dtype of the parameters: "float32" or "bfloat16"
     dtype: str = "float32"  # activation dtype; norms, softmax and rotary run in float32 regardless
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
-    architecture: str = "llama"  # "llama" or "qwen2": the HF architecture written on export
+    architecture: str = "llama"  # a key of models/families.py FAMILIES: names, config.json, GGUF
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.query_pre_attn_scalar == 0:
+            object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: must be > 0")
@@ -70,8 +95,24 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected 'float32' or 'bfloat16'")
-        if self.architecture not in ("llama", "qwen2"):
-            raise ValueError(f"model.architecture={self.architecture!r}: expected 'llama' or 'qwen2'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation={self.activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+        object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {FULL, SLIDING}:
+            raise ValueError(
+                f"model.layer_types={self.layer_types!r}: expected {self.num_layers} entries, "
+                f"each {FULL!r} or {SLIDING!r}"
+            )
+        if (SLIDING in self.layer_types) != (self.sliding_window > 0):
+            raise ValueError(
+                f"model.sliding_window={self.sliding_window}: must be > 0 exactly when layer_types has {SLIDING!r}"
+            )
+        if self.rope_linear_factor <= 0:
+            raise ValueError(f"model.rope_linear_factor={self.rope_linear_factor}: must be > 0")
+        from gtpo_jax.models.families import FAMILIES  # families.py imports this module
+
+        if self.architecture not in FAMILIES:
+            raise ValueError(f"model.architecture={self.architecture!r}: expected one of {', '.join(FAMILIES)}")
 
 
 class KVCache(NamedTuple):
@@ -114,31 +155,41 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
+    """`w * x / rms(x)`, or `(1 + w) * x / rms(x)` with `cfg.norm_plus_one` (w then starts at 0)."""
+
     def __init__(self, size: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (size,), ("norm",), cfg.param_dtype, "ones")
+        self.scale = _param(rngs, (size,), ("norm",), cfg.param_dtype, "zeros" if cfg.norm_plus_one else "ones")
         self.eps = cfg.rms_norm_eps
+        self.plus_one = cfg.norm_plus_one
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:  # Gemma scales in float32, then rounds
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> Float[Array, "D/2"]:
-    """Inverse frequencies `theta^(-2i/D)`, with Llama-3 scaling when configured."""
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+def rope_frequencies(cfg: ModelConfig, theta: float | None = None, *, scaled: bool = True) -> Float[Array, "D/2"]:
+    """Inverse frequencies `theta^(-2i/D)` (default `cfg.rope_theta`), with Llama-3 or linear
+    scaling when configured and `scaled` (Gemma 3 scales its full-attention layers only)."""
+    theta = cfg.rope_theta if theta is None else theta
+    inv = 1.0 / (theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
     s = cfg.rope_scaling
+    if not scaled:
+        return inv
+    inv = inv / cfg.rope_linear_factor
     if s is None:
         return inv
     wavelen = 2 * jnp.pi / inv
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+    scaled_inv = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
     smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
         s.high_freq_factor - s.low_freq_factor
     )
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(medium, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
+    return jnp.where(medium, (1 - smooth) * scaled_inv / s.factor + smooth * scaled_inv, scaled_inv)
 
 
 def apply_rope(x: Float[Array, "B T N D"], positions: Int[Array, "B T"], inv_freq: Array) -> Array:
@@ -159,6 +210,8 @@ class Attention(nnx.Module):
         self.k = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs)
         self.v = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs)
         self.o = Dense(cfg.num_heads * hd, d, ("heads", "embed"), cfg, bias=False, rngs=rngs)
+        self.q_norm = RMSNorm(hd, cfg, rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg, rngs=rngs) if cfg.qk_norm else None
         self.cfg = cfg
 
     def __call__(
@@ -166,16 +219,17 @@ class Attention(nnx.Module):
         x: Array,
         positions: Array,
         inv_freq: Array,
-        keys_valid: Bool[Array, "B S"],
-        query_slots: Int[Array, "T"],
+        allowed: Bool[Array, "B 1 1 T S"],
         layer_cache: tuple[Array, Array] | None,
         write_at: Array,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.cfg
         B, T, _ = x.shape
         K, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q = apply_rope(self.q(x).reshape(B, T, K * G, D), positions, inv_freq)
-        k = apply_rope(self.k(x).reshape(B, T, K, D), positions, inv_freq)
+        q, k = self.q(x).reshape(B, T, K * G, D), self.k(x).reshape(B, T, K, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = self.v(x).reshape(B, T, K, D)
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), write_at, axis=1)
@@ -183,11 +237,9 @@ class Attention(nnx.Module):
             new_cache = (k, v)
         else:
             new_cache = None
-        S = k.shape[1]
         q = q.reshape(B, T, K, G, D)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(D)
-        causal = jnp.arange(S)[None, :] <= query_slots[:, None]  # [T, S]
-        allowed = causal[None, None, None] & keys_valid[:, None, None, None, :]
+        scale = cfg.query_pre_attn_scalar**-0.5
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
         # A finite floor, not -inf: padded query rows (no allowed key) stay finite.
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -201,22 +253,42 @@ class MLP(nnx.Module):
         self.gate = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs)
         self.up = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs)
         self.down = Dense(f, d, ("mlp", "embed"), cfg, bias=False, rngs=rngs)
+        self.activation = cfg.activation
 
     def __call__(self, x: Array) -> Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        d = cfg.hidden_size
+        self.attn_norm = RMSNorm(d, cfg, rngs=rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(d, cfg, rngs=rngs) if cfg.post_norms else None
+        self.mlp_norm = RMSNorm(d, cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.post_mlp_norm = RMSNorm(d, cfg, rngs=rngs) if cfg.post_norms else None
 
-    def __call__(self, x, positions, inv_freq, keys_valid, query_slots, layer_cache, write_at):
-        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, keys_valid, query_slots, layer_cache, write_at)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+    def __call__(self, x, positions, inv_freq, allowed, layer_cache, write_at):
+        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, layer_cache, write_at)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), new_cache
+
+
+def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """`cfg.num_layers` blocks as one `Block` whose parameters lead with a `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    layers = make(rngs)
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Param):
+            node.set_metadata("logical_axes", ("layers", *node.get_metadata()["logical_axes"]))
+    return layers
 
 
 class Transformer(nnx.Module):
@@ -227,7 +299,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype, "normal")
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = stacked_blocks(cfg, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
@@ -246,26 +318,40 @@ class Transformer(nnx.Module):
     ) -> tuple[Float[Array, "B T d"], KVCache | None]:
         cfg = self.cfg
         T = tokens.shape[1]
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
-        inv_freq = rope_frequencies(cfg)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        if cfg.scale_embeddings:  # in the parameter dtype, as HF does
+            x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+        x = x.astype(jnp.dtype(cfg.dtype))
         if cache is None:
             keys_valid, write_at = valid, jnp.zeros((), jnp.int32)
         else:
             keys_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.end, axis=1)
             write_at = cache.end
         query_slots = write_at + jnp.arange(T)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            step = nnx.remat(Block.__call__) if cfg.remat else Block.__call__
-            x, layer_new = step(block, x, positions, inv_freq, keys_valid, query_slots, layer_cache, write_at)
-            if layer_new is not None:
-                new_k.append(layer_new[0])
-                new_v.append(layer_new[1])
+        key_slots = jnp.arange(keys_valid.shape[1])
+        causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+        full = causal[None, None, None] & keys_valid[:, None, None, None, :]  # [B, 1, 1, T, S]
+        local = full & (key_slots[None, :] > query_slots[:, None] - cfg.sliding_window)
+        # Per layer: which mask and which rotary frequencies (index 0 full, 1 sliding).
+        sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
+        inv_freqs = jnp.stack(
+            [rope_frequencies(cfg), rope_frequencies(cfg, cfg.rope_local_theta or None, scaled=False)]
+        )
+        graphdef, params = nnx.split(self.layers)
+
+        def layer(x, xs):
+            layer_params, is_sliding, layer_cache = xs
+            block = nnx.merge(graphdef, layer_params)
+            allowed = jnp.where(is_sliding, local, full)
+            inv_freq = inv_freqs[is_sliding.astype(jnp.int32)]
+            return block(x, positions, inv_freq, allowed, layer_cache, write_at)
+
+        step = jax.checkpoint(layer) if cfg.remat else layer
+        x, new = jax.lax.scan(step, x, (params, sliding, None if cache is None else (cache.k, cache.v)))
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, None
-        return hidden, KVCache(jnp.stack(new_k), jnp.stack(new_v), keys_valid, cache.end + T)
+        return hidden, KVCache(new[0], new[1], keys_valid, cache.end + T)
 
     def logits(self, hidden: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
         """Dense float32 logits; for tests and small vocabularies only (see ops/logprobs.py)."""
