@@ -136,6 +136,11 @@ class RewardSection(_Tracked):
     name: str = "exact"
     # Regex whose group 1 is the answer when the completion has no \boxed{} (empty = none).
     answer_pattern: str = ""
+    # Math reward only (unset = its default): strict answer grammar before any equivalence check
+    # (True; False = the lenient math-verify check), and the relative tolerance of non-exact numbers
+    # (1e-9). Setting either for a reward that does not take it is an error at start-up.
+    strict: bool | None = None
+    rel_tol: float | None = None
     # Worker processes and the hard per-item time limit.
     num_workers: int = 2
     timeout_s: float = 5.0
@@ -318,6 +323,15 @@ def from_config_dict(config: Any) -> Config:
     return from_dict(config.to_dict())
 
 
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default; `None` ("unset") becomes a typed placeholder the command line can set."""
+    if f.default is not None:
+        return f.default
+    from ml_collections import config_dict
+
+    return config_dict.placeholder(next(t for t in (bool, int, float, str) if t.__name__ in str(f.type)))
+
+
 def base_config() -> Any:
     """A `ConfigDict` holding every field at its default, so any field can be overridden from the
     command line. Config files start from it. Loss fields are typed placeholders (`None` = the
@@ -326,7 +340,7 @@ def base_config() -> Any:
 
     root = config_dict.ConfigDict()
     for name, cls in SECTIONS.items():
-        root[name] = config_dict.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
+        root[name] = config_dict.ConfigDict({f.name: _default(f) for f in dataclasses.fields(cls)})
     loss = config_dict.ConfigDict()
     for f in dataclasses.fields(LossConfig):
         if f.name == "algorithm":

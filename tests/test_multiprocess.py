@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 from train_helpers import ROOT, cli, tiny_config
 
+from gtpo_jax.training.checkpoint import Checkpointer
 from gtpo_jax.training.loop import Trainer
 
 SETTINGS = {"train.prompts_per_step": 8, "train.checkpoint_every": 1, "train.keep_checkpoints": 3}
@@ -98,3 +99,27 @@ def test_when_one_process_dies_the_other_stops_with_an_error(tmp_path):
     assert any(word in log for word in ("heartbeat", "Heartbeat", "disconnected", "DEADLINE", "UNAVAILABLE")), log[
         -3000:
     ]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+    # Only process 1 is signalled. The stop is agreed through a collective, so both processes save
+    # the same step together and exit 0 (deciding alone, one would enter the collective save while
+    # the other samples the next step: a hang and no checkpoint).
+    run = tmp_path / "run"
+    settings = {**SETTINGS, "train.checkpoint_every": 0}
+    procs = _start(run, tmp_path, **{**settings, "train.steps": 10_000})
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "0").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = [(tmp_path / f"proc{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    stopped = Checkpointer(run / "checkpoints").latest_step()
+    assert f"stopping at step {stopped} (SIGTERM)" in logs[0]
+    procs = _start(run, tmp_path, **{**settings, "train.steps": stopped + 1})
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], (tmp_path / "proc0.log").read_text()[-3000:]
+    assert Checkpointer(run / "checkpoints").latest_step() == stopped + 1

@@ -151,3 +151,8 @@ def test_mini_batches_and_eval_chunks_stay_split_over_the_devices(tmp_path):
         assert all(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
     finally:
         trainer.close()
+
+
+def test_math_only_reward_options_are_refused_for_other_rewards(tmp_path):
+    with pytest.raises(RewardConfigError, match=r"reward\.strict=False is set but reward 'exact' does not take it"):
+        Trainer(tiny_config(tmp_path, **{"reward.strict": False}))

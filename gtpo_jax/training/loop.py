@@ -124,6 +124,7 @@ class Trainer:
         )  # fmt: skip
         r = cfg.reward
         options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
+        options |= {k: v for k, v in (("strict", r.strict), ("rel_tol", r.rel_tol)) if v is not None}
         # A reward that cannot work (an option it does not take, records without its field) fails
         # here, naming the field, instead of scoring every response as a failure.
         where = cfg.data.path or f"task {cfg.data.task!r}"
