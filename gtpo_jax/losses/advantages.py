@@ -24,7 +24,7 @@ Two optional `[P, G]` inputs reach every estimator the same way:
 - `penalty` (<= 0): DAPO's overlong penalty of each response. It lowers the reward of correct
   *and* wrong responses alike: GRPO/DAPO use `r_i + penalty_i`; GTPO's Eq. 3 uses
   `alpha1 * (r_i + penalty_i)` and Eq. 5 `alpha1 * (-1 + penalty_j)` in place of `-alpha1`;
-  GRPO-S's Eq. 9 likewise with `beta1` (docs/algorithms.md, "Overlong penalty").
+  GRPO-S's Eq. 9 likewise with `beta1` (README, "The loss module").
 """
 
 from __future__ import annotations
