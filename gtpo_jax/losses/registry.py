@@ -392,7 +392,9 @@ def prepare_batch(
     Diagnostics beside the usual means: `valid_frac`; `wrong_sign_pos` / `wrong_sign_neg`, the
     fraction of loss tokens of O+ with `A < 0` and of O- with `A > 0` (non-zero under GTPO's
     paper norm when a group's O+ share leaves `(alpha2/(alpha1+alpha2), alpha1/(alpha1+alpha2))`);
-    and for shaping recipes `shaping_delta`, the mean `|A - A_unshaped|` over loss tokens.
+    and for shaping recipes `shaping_delta`, the mean `|A - A_unshaped|` over loss tokens, where
+    `A_unshaped` is the same recipe with alpha2 = 0 / beta2 = 0 under the *paper* norm (DAPO's
+    token-pooled / GRPO's advantage): under another norm it also measures the norm's difference.
     """
     rewards = jnp.asarray(rewards)
     if rewards.ndim != 2 or rewards.shape[1] != cfg.group_size:
@@ -431,7 +433,9 @@ def prepare_batch(
         "valid_frac": MeanStat.of(scored, every),
         "reward_mean": MeanStat.of(rewards.astype(dtype), scored),
         "shaped_reward_mean": MeanStat.of(rewards.astype(dtype) + penalty, scored),
-        "pass_rate": MeanStat.of(correct.astype(dtype), scored),
+        "pass_rate": MeanStat.of(
+            (adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold) & ok).astype(dtype), scored
+        ),
         **_sign_diagnostics(cfg, inputs, advantages, informative),
     }
     batch = LossBatch(

@@ -72,7 +72,7 @@ def check_reward(
             )
     for where, record in records:
         for field in spec.needs:
-            if field not in record or str(record[field]).strip() == "":
+            if record.get(field) is None or str(record[field]).strip() == "":
                 have = sorted(k for k, v in record.items() if str(v).strip())
                 raise RewardConfigError(
                     f"{where}: reward {spec.name!r} needs a non-empty record field {field!r}; the record has "

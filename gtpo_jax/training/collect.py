@@ -190,13 +190,15 @@ def collect(
     success_threshold: float,
     put: Callable[[np.ndarray], jax.Array],
     mini_batches: int = 1,
+    mask_truncated: bool = False,
 ) -> tuple[GroupBatch, dict[str, float]]:
     """One rollout batch of exactly `num_prompts` groups, and collection statistics.
 
     The statistics cover *everything sampled* this step (every refill round), before dynamic
     sampling keeps the informative groups: `sampled_pass_rate` and `sampled_reward` (valid
     responses), and `reward_error_rate`, `reward_timeout_rate`, `reward_crash_rate`,
-    `reward_invalid_rate` (all responses)."""
+    `reward_invalid_rate` (all responses). Under `mask_truncated` a truncated response does not
+    count towards a group's informativeness (the loss leaves it out, `losses.prepare_batch`)."""
     parts: list[GroupBatch] = []
     kept: list[tuple[int, int]] = []
     spare: list[tuple[int, int]] = []
@@ -208,7 +210,7 @@ def collect(
         parts.append(part)
         sampled += len(records)
         correct = part.rewards > success_threshold
-        valid = part.valid
+        valid = part.valid & ~part.truncated if mask_truncated else part.valid
         informative = (correct & valid).any(axis=1) & (~correct & valid).any(axis=1)
         for row in range(len(records)):
             (kept if informative[row] or not dynamic_sampling else spare).append((rounds, row))

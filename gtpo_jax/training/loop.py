@@ -233,6 +233,7 @@ class Trainer:
             self.state.key(0), num_prompts=cfg.train.prompts_per_step,
             dynamic_sampling=cfg.loss.dynamic_sampling, max_refill_rounds=cfg.rollout.max_refill_rounds,
             success_threshold=cfg.loss.success_threshold, put=self._put, mini_batches=cfg.train.mini_batches,
+            mask_truncated=bool(cfg.loss.mask_truncated),
         )  # fmt: skip
         stats["rollout_time_s"] = time.time() - t0
         self._check_reward_health(stats, batch.first_error)
@@ -296,8 +297,10 @@ class Trainer:
         """One RL step (rollout, then update); returns its metrics, or None when `stop_requested()`
         (checked by every process together after the rollout) says to stop before the update."""
         t0 = time.time()
+        data_state = self.pipeline.get_state()
         batch, groups, loss_batch, record = self.rollout()
-        if stop_requested():
+        if stop_requested():  # the rollout is dropped: rewind the prompts it drew, for the resume
+            self.pipeline.set_state(data_state)
             return None
         record.update(self.update(groups, loss_batch))
         self.state = self.state._replace(step=self.state.step + 1)

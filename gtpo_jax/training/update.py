@@ -8,8 +8,8 @@ gradient of its loss *sum* and its *denominator*; the gradient of the mini-batch
 `sum(grad loss_sum) / sum(denominator)` — exactly the gradient of `sum / sum` because the
 denominator does not depend on the parameters. A gradient (or loss) that is not finite skips
 the update: parameters and optimiser state are kept, and `skipped` is incremented. A
-mini-batch with no loss tokens (only filler groups, or every response masked) takes no
-optimiser step either: AdamW would still move the weights by its stale momentum and weight
+mini-batch with no loss tokens (only filler groups, or every response masked), or whose
+gradient is exactly zero, takes no optimiser step either: AdamW would still move the weights by its stale momentum and weight
 decay. It is reported as `empty_update` and counted by the loop.
 """
 
@@ -110,7 +110,9 @@ class StepFns:
             grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(grad_norm) & jnp.isfinite(total)
-            has_tokens = den > 0
+            # No loss token, or a gradient of exactly 0 (every group of the mini-batch uninformative
+            # without dynamic sampling): no signal, so no step (AdamW would still move the weights).
+            has_tokens = (den > 0) & (grad_norm > 0)
             apply = finite & has_tokens
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
