@@ -72,7 +72,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
             y["len_mean"],
             y["informative_groups"],
         )
-        assert abs(x["loss"] - y["loss"]) <= 1e-6
+        assert abs(x["loss"] - y["loss"]) <= 1e-5  # float32 sums in another order (measured 3.8e-6)
     # Parameters: nearly every entry agrees to 1e-5. AdamW's first steps move a parameter by about
     # +-lr whatever its gradient's size, so a gradient of ~0 whose sign depends on reduction order
     # can differ by up to 2 * lr per update; that bounds the rest.
