@@ -12,19 +12,9 @@ from gtpo_jax.losses.advantages import (
     informative_groups,
     overlong_penalty,
 )
+from gtpo_jax.losses.batch import LossBatch, compute_loss, mean_loss, prepare_batch
 from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, LossOutput, RatioLevel, policy_loss
-from gtpo_jax.losses.registry import (
-    RECIPES,
-    Algorithm,
-    ConfigError,
-    LossBatch,
-    LossConfig,
-    Recipe,
-    compute_loss,
-    mean_loss,
-    prepare_batch,
-    register,
-)
+from gtpo_jax.losses.registry import RECIPES, Algorithm, ConfigError, LossConfig, Recipe, register
 from gtpo_jax.losses.stats import MaxStat, MeanStat, MinStat, finalize_diagnostics, merge_diagnostics
 
 __all__ = [

@@ -32,10 +32,17 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float
 
+from gtpo_jax.losses.groups import (  # noqa: F401  (public names of this module too)
+    as_constant,
+    informative_from_sets,
+    informative_groups,
+    overlong_penalty,
+    success_sets,
+    valid_or_all,
+)
 from gtpo_jax.losses.stats import (
     float_dtype,
     masked_mean_std,
@@ -68,54 +75,6 @@ class GRPOSNorm(enum.StrEnum):
     JOINT = "joint"  # one mean/std over all G shaped rewards
 
 
-def _constant(x: ArrayLike, dtype: jnp.dtype) -> Array:
-    return jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
-
-
-def success_sets(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P G"]:
-    """`True` for responses in O+ (reward strictly above `success_threshold`)."""
-    return jnp.asarray(rewards) > success_threshold
-
-
-def _valid(valid: Bool[ArrayLike, "P G"] | None, like: ArrayLike) -> Bool[Array, "P G"]:
-    return jnp.ones(jnp.shape(like), bool) if valid is None else jnp.asarray(valid, dtype=bool)
-
-
-def informative_from_sets(
-    correct: Bool[ArrayLike, "P G"], valid: Bool[ArrayLike, "P G"] | None = None
-) -> Bool[Array, "P"]:
-    """Groups whose valid responses hold at least one success and one failure (`n > 0`, `m > 0`)."""
-    correct = jnp.asarray(correct, dtype=bool)
-    valid = _valid(valid, correct)
-    return jnp.any(correct & valid, axis=-1) & jnp.any(~correct & valid, axis=-1)
-
-
-def informative_groups(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P"]:
-    """DAPO dynamic sampling's keep-decision: does the group mix successes and failures?
-
-    Decided on correctness (reward above `success_threshold`), never on a shaped reward: a
-    group of all-correct responses with different overlong penalties is still uninformative.
-    """
-    return informative_from_sets(success_sets(rewards, success_threshold=success_threshold))
-
-
-def overlong_penalty(
-    lengths: Int[ArrayLike, "P G"], *, max_len: int, buffer_len: int, penalty: float = 1.0
-) -> Float[Array, "P G"]:
-    """DAPO's soft overlong punishment, counted in tokens (a value <= 0 to add to the reward).
-
-    0 up to `max_len - buffer_len` tokens, then falling linearly to `-penalty` at `max_len`
-    (and staying there beyond it).
-    """
-    if not buffer_len > 0:
-        raise ValueError(f"buffer_len={buffer_len!r}: must be > 0 (set it to 0 in the config to disable the penalty)")
-    if not buffer_len <= max_len:
-        raise ValueError(f"buffer_len={buffer_len!r} must not exceed max_len={max_len!r}")
-    lengths = jnp.asarray(lengths)
-    excess = (lengths - (max_len - buffer_len)).astype(float_dtype(lengths)) / buffer_len
-    return -penalty * jnp.clip(excess, 0.0, 1.0)
-
-
 def grpo_advantages(
     rewards: Float[ArrayLike, "P G"],
     mask: ArrayLike,
@@ -132,11 +91,11 @@ def grpo_advantages(
     equal gets exactly zero advantage; padding and invalid responses get 0.
     """
     dtype = float_dtype(rewards)
-    r = _constant(rewards, dtype)
+    r = as_constant(rewards, dtype)
     if penalty is not None:
-        r = r + _constant(penalty, dtype)
-    m = _constant(mask, dtype)
-    v = _valid(valid, r).astype(dtype)
+        r = r + as_constant(penalty, dtype)
+    m = as_constant(mask, dtype)
+    v = valid_or_all(valid, r).astype(dtype)
     mean, std = masked_mean_std(jnp.where(v > 0, r, 0), v, (-1,))
     adv = r - mean
     if scale_rewards:
@@ -177,17 +136,17 @@ def _gtpo_tokens(
     penalty: ArrayLike | None = None,
 ) -> _GTPOTokens:
     dtype = float_dtype(rewards, entropy)
-    r = _constant(rewards, dtype)[..., None]
-    pen = jnp.zeros_like(r) if penalty is None else _constant(penalty, dtype)[..., None]
+    r = as_constant(rewards, dtype)[..., None]
+    pen = jnp.zeros_like(r) if penalty is None else as_constant(penalty, dtype)[..., None]
     r = r + pen
     # Invalid responses leave the group: no token of theirs is alive for the set counts.
-    m = _constant(mask, dtype) * _valid(valid, rewards).astype(dtype)[..., None]
+    m = as_constant(mask, dtype) * valid_or_all(valid, rewards).astype(dtype)[..., None]
     c = jnp.asarray(correct, dtype=bool)[..., None]
     w_pos = m * c.astype(dtype)
     w_neg = m - w_pos
     # Padding holds anything: replace it before arithmetic. Entropy is non-negative; the clamp
     # only removes round-off below zero.
-    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 1.0) + eps
+    h = jnp.where(m > 0, jnp.maximum(as_constant(entropy, dtype), 0), 1.0) + eps
     sums = _PositionSums(*sums_over(1, w_pos, w_neg, w_pos * h, w_neg / h, w_pos * r, w_neg * pen))
     # Per-token work is one division; the per-position sums are inverted once.
     r_pos = alpha1 * r + alpha2 * (sums.d * reciprocal_or_zero(sums.sum_h_pos)) * h
@@ -265,7 +224,7 @@ def gtpo_advantages_from_sets(
     scope = parse_enum(NormScope, scope, "scope")
     tok = _gtpo_tokens(rewards, correct, entropy, mask, alpha1, alpha2, eps, valid, penalty)
     dtype = tok.shaped.dtype
-    informative = informative_from_sets(correct, _valid(valid, rewards)).astype(dtype)[:, None, None]
+    informative = informative_from_sets(correct, valid_or_all(valid, rewards)).astype(dtype)[:, None, None]
     axes = (1, 2) if scope is NormScope.GROUP else (0, 1, 2)
 
     # [P, 1, T] per-position sums -> per-group (or batch) totals.
@@ -357,12 +316,12 @@ def grpo_s_sequence_rewards_from_sets(
     one). Invalid responses get 0.
     """
     dtype = float_dtype(rewards, entropy)
-    r = _constant(rewards, dtype)
-    pen = jnp.zeros_like(r) if penalty is None else _constant(penalty, dtype)
+    r = as_constant(rewards, dtype)
+    pen = jnp.zeros_like(r) if penalty is None else as_constant(penalty, dtype)
     correct = jnp.asarray(correct, dtype=bool)
-    v = _valid(valid, rewards)
-    m = _constant(mask, dtype)
-    h = jnp.where(m > 0, jnp.maximum(_constant(entropy, dtype), 0), 0.0)
+    v = valid_or_all(valid, rewards)
+    m = as_constant(mask, dtype)
+    h = jnp.where(m > 0, jnp.maximum(as_constant(entropy, dtype), 0), 0.0)
     sum_h, count = sums_over(-1, h, m)
     mean_h = sum_h[..., 0] / jnp.maximum(count[..., 0], 1) + eps  # [P, G]
     inv_h = 1.0 / mean_h
@@ -397,7 +356,7 @@ def grpo_s_advantages_from_sets(
     norm = parse_enum(GRPOSNorm, norm, "norm")
     dtype = float_dtype(rewards, entropy)
     correct = jnp.asarray(correct, dtype=bool)
-    v = _valid(valid, rewards)
+    v = valid_or_all(valid, rewards)
     shaped = grpo_s_sequence_rewards_from_sets(
         rewards, correct, entropy, mask, beta1=beta1, beta2=beta2, eps=eps, valid=v, penalty=penalty
     )

@@ -11,11 +11,7 @@ Every recipe declares the fields it reads (`Recipe.reads`, some only in a contex
 estimator only with `kl_coef > 0`, ...). A field the chosen algorithm does not read resolves
 to `None`, and setting it is a `ConfigError` naming the algorithm: no knob is silently ignored.
 
-One step uses the module in two calls (both pure and jit-able, `cfg` static):
-
-    batch, batch_diag = prepare_batch(cfg, rewards=..., mask=..., old_logp=..., entropy=...)
-    out = compute_loss(cfg, logp, batch)       # per micro-batch of prompts: (sum, denominator)
-    loss = out.loss_sum / out.denominator      # after summing both over micro-batches
+A step then uses a config through `batch.py` (`prepare_batch`, `compute_loss`).
 """
 
 from __future__ import annotations
@@ -26,13 +22,12 @@ import enum
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from gtpo_jax.losses import advantages as adv_lib
 from gtpo_jax.losses.advantages import GRPOSNorm, GTPONorm, NormScope
-from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, LossOutput, RatioLevel, policy_loss
-from gtpo_jax.losses.stats import Diagnostics, MeanStat, float_dtype, parse_enum
+from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, RatioLevel
+from gtpo_jax.losses.stats import parse_enum
 
 
 class Algorithm(enum.StrEnum):
@@ -355,141 +350,3 @@ register(Recipe(
     "GRPO-S: entropy-shaped sequence rewards (Eq. 9), mean-of-token-ratios weight, mean over responses.",
     own_reads=_GRPO_S_READS, unshaped=_grpo_s_unshaped,
 ))  # fmt: skip
-
-
-class LossBatch(NamedTuple):
-    """What the loss needs from one rollout; every leaf leads with P, so micro-batches slice it."""
-
-    mask: Float[Array, "P G T"]  # loss mask: padding, dropped groups and filtered responses are 0
-    old_logp: Float[Array, "P G T"]
-    advantages: Array  # [P, G, T] (token recipes) or [P, G] (sequence recipes)
-    entropy: Float[Array, "P G T"]
-    correct: Bool[Array, "P G"]
-    ref_logp: Float[Array, "P G T"] | None = None
-
-
-def prepare_batch(
-    cfg: LossConfig,
-    *,
-    rewards: Float[ArrayLike, "P G"],
-    mask: ArrayLike,
-    old_logp: Float[ArrayLike, "P G T"],
-    entropy: Float[ArrayLike, "P G T"],
-    lengths: Int[ArrayLike, "P G"] | None = None,
-    truncated: Bool[ArrayLike, "P G"] | None = None,
-    ref_logp: Float[ArrayLike, "P G T"] | None = None,
-    valid: Bool[ArrayLike, "P G"] | None = None,
-) -> tuple[LossBatch, Diagnostics]:
-    """Once per rollout batch: reward shaping, advantages, loss mask, batch diagnostics.
-
-    Success (O+ / O-) and informativeness are decided on the verifier's `rewards`; the
-    overlong penalty only changes the reward that enters the advantage formulas (for correct
-    and wrong responses alike). `valid` (`[P, G]`, default all) marks responses whose reward is
-    trustworthy: a response whose reward errored, timed out or crashed is excluded from its
-    group's statistics and the loss, not scored as wrong. Under `mask_truncated`, truncated
-    responses leave the group the same way, *before* O+/O- and the statistics are formed.
-
-    Diagnostics beside the usual means: `valid_frac`; `wrong_sign_pos` / `wrong_sign_neg`, the
-    fraction of loss tokens of O+ with `A < 0` and of O- with `A > 0` (non-zero under GTPO's
-    paper norm when a group's O+ share leaves `(alpha2/(alpha1+alpha2), alpha1/(alpha1+alpha2))`);
-    and for shaping recipes `shaping_delta`, the mean `|A - A_unshaped|` over loss tokens, where
-    `A_unshaped` is the same recipe with alpha2 = 0 / beta2 = 0 under the *paper* norm (DAPO's
-    token-pooled / GRPO's advantage): under another norm it also measures the norm's difference.
-    """
-    rewards = jnp.asarray(rewards)
-    if rewards.ndim != 2 or rewards.shape[1] != cfg.group_size:
-        raise ValueError(f"rewards must be [P, G] with G = loss.group_size = {cfg.group_size}; got {rewards.shape}")
-    dtype = float_dtype(rewards, entropy)
-    ok = jnp.ones(rewards.shape, bool) if valid is None else jnp.asarray(valid, dtype=bool)
-    if cfg.overlong_buffer_len > 0 or cfg.mask_truncated:
-        if lengths is None:
-            raise ValueError("overlong shaping / mask_truncated need the response lengths [P, G]")
-        lengths = jnp.asarray(lengths)
-    penalty = jnp.zeros(rewards.shape, dtype)
-    if cfg.overlong_buffer_len > 0:
-        penalty = adv_lib.overlong_penalty(
-            lengths, max_len=cfg.max_response_len, buffer_len=cfg.overlong_buffer_len, penalty=cfg.overlong_penalty
-        ).astype(dtype)
-    remaining = ok
-    if cfg.mask_truncated:
-        if truncated is None:
-            if not cfg.max_response_len:
-                raise ValueError("mask_truncated needs `truncated` or loss.max_response_len > 0")
-            truncated = lengths >= cfg.max_response_len
-        remaining = ok & ~jnp.asarray(truncated, dtype=bool)
-    correct = adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold) & remaining
-    informative = adv_lib.informative_from_sets(correct, remaining)
-    m = jnp.asarray(mask).astype(dtype) * remaining[..., None].astype(dtype)
-    if cfg.dynamic_sampling:
-        m = m * informative[:, None, None].astype(dtype)
-
-    inputs = AdvantageInputs(rewards.astype(dtype), penalty, correct, remaining, jnp.asarray(entropy), m)
-    advantages = cfg.recipe.advantages(cfg, inputs)
-    groups = jnp.ones_like(informative, dtype=dtype)
-    every = jnp.ones(rewards.shape, dtype)
-    scored = ok.astype(dtype)
-    diagnostics: Diagnostics = {
-        "informative_frac": MeanStat.of(informative.astype(dtype), groups),
-        "valid_frac": MeanStat.of(scored, every),
-        "reward_mean": MeanStat.of(rewards.astype(dtype), scored),
-        "shaped_reward_mean": MeanStat.of(rewards.astype(dtype) + penalty, scored),
-        "pass_rate": MeanStat.of(
-            (adv_lib.success_sets(rewards, success_threshold=cfg.success_threshold) & ok).astype(dtype), scored
-        ),
-        **_sign_diagnostics(cfg, inputs, advantages, informative),
-    }
-    batch = LossBatch(
-        mask=m,
-        old_logp=jnp.asarray(old_logp),
-        advantages=advantages,
-        entropy=jnp.asarray(entropy),
-        correct=correct,
-        ref_logp=None if cfg.kl_coef == 0 or ref_logp is None else jnp.asarray(ref_logp),
-    )
-    return batch, diagnostics
-
-
-def _sign_diagnostics(cfg: LossConfig, x: AdvantageInputs, advantages: Array, informative: Array) -> Diagnostics:
-    """Wrong-sign fractions per set and the size of the entropy shaping, over loss tokens of
-    informative groups (a sequence advantage counts once per token of its response)."""
-    dtype = x.mask.dtype
-    per_token = (lambda a: a) if advantages.ndim == 3 else (lambda a: a[..., None])
-    weight = x.mask * informative[:, None, None].astype(dtype)
-    pos = weight * x.correct[..., None].astype(dtype)
-    neg = weight * (x.valid & ~x.correct)[..., None].astype(dtype)
-    adv = per_token(advantages)
-    out: Diagnostics = {
-        "wrong_sign_pos": MeanStat.of(jnp.broadcast_to(adv < 0, pos.shape).astype(dtype), pos),
-        "wrong_sign_neg": MeanStat.of(jnp.broadcast_to(adv > 0, neg.shape).astype(dtype), neg),
-    }
-    if cfg.recipe.unshaped is not None:
-        delta = jnp.abs(adv - per_token(cfg.recipe.unshaped(cfg, x)))
-        out["shaping_delta"] = MeanStat.of(jnp.broadcast_to(delta, weight.shape), weight)
-    return out
-
-
-def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> LossOutput:
-    """The recipe's clipped objective on one micro-batch, as a (sum, denominator) pair."""
-    return policy_loss(
-        logp,
-        batch.old_logp,
-        batch.advantages,
-        batch.mask,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
-        ratio_level=cfg.recipe.ratio_level,
-        loss_agg=cfg.loss_agg,
-        norm_len=cfg.norm_len or None,
-        kl_coef=cfg.kl_coef,
-        kl_estimator=cfg.kl_estimator or KLEstimator.K3,
-        ref_logp=batch.ref_logp,
-        entropy=batch.entropy,
-        correct=batch.correct,
-    )
-
-
-def mean_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> Array:
-    """`loss_sum / denominator` of a whole batch (0 when nothing is valid)."""
-    out = compute_loss(cfg, logp, batch)
-    return out.loss_sum / jnp.maximum(out.denominator, 1)
