@@ -240,3 +240,9 @@ def test_setting_a_field_the_algorithm_does_not_read_is_an_error(algorithm):
                                 ("overlong_penalty", {}), ("max_response_len", {})]:  # fmt: skip
         with pytest.raises(ConfigError, match=rf"loss\.{field}=.*not read by algorithm '{algorithm}' with"):
             LossConfig(algorithm=algorithm, **context_free, **{field: PERTURB[field][1](None)})
+
+
+def test_pass_rate_counts_a_truncated_correct_answer_as_correct():
+    cfg = LossConfig(algorithm="dapo", group_size=3, mask_truncated=True, max_response_len=4)
+    _, diag = _prepare(cfg, [[1, 0, 1]], [[4, 2, 3]], 4)  # response 0 is truncated and correct
+    assert finalize_diagnostics(diag)["pass_rate"] == pytest.approx(2 / 3)

@@ -156,3 +156,47 @@ def test_mini_batches_and_eval_chunks_stay_split_over_the_devices(tmp_path):
 def test_math_only_reward_options_are_refused_for_other_rewards(tmp_path):
     with pytest.raises(RewardConfigError, match=r"reward\.strict=False is set but reward 'exact' does not take it"):
         Trainer(tiny_config(tmp_path, **{"reward.strict": False}))
+
+
+# ---- Review fixes -------------------------------------------------------------------------
+def test_a_stop_after_the_rollout_skips_the_update_and_rewinds_the_prompts(trainer):
+    before = (trainer.pipeline.get_state(), _arrays(trainer.state.params), int(trainer.state.step))
+    assert trainer.step(lambda: True) is None
+    assert trainer.pipeline.get_state() == before[0]  # the resumed run samples the same prompts
+    assert _equal(before[1], trainer.state.params) and int(trainer.state.step) == before[2]
+
+
+def test_a_mini_batch_whose_gradient_is_zero_takes_no_step(trainer):
+    # GRPO without KL or dynamic sampling: all-zero advantages have loss tokens but no gradient.
+    trainer.warmup()
+    _, groups, loss_batch, _ = trainer.rollout()
+    trainer.update(groups, loss_batch)
+    before = (_arrays(trainer.state.params), _arrays(trainer.state.opt_state))
+    zero = loss_batch._replace(advantages=jnp.zeros_like(loss_batch.advantages))
+    assert float(zero.mask.sum()) > 0
+    metrics = trainer.update(groups, zero)
+    assert metrics["empty_updates"] == 2
+    assert _equal(before, (trainer.state.params, trainer.state.opt_state))
+
+
+def test_under_mask_truncated_a_group_informative_only_through_truncated_responses_is_refilled(monkeypatch):
+    from gtpo_jax.training import collect as collect_lib
+
+    def part(rewards, truncated):
+        P, G = rewards.shape
+        zeros = jnp.zeros((P, G, 2), jnp.int32)
+        return collect_lib.GroupBatch([{"prompt": str(i)} for i in range(P)], [[1]] * P, zeros, zeros > 0,
+                                      zeros.astype(jnp.float32), np.full((P, G), 2), truncated, rewards,
+                                      np.zeros((P, G), np.int8))  # fmt: skip
+
+    # Group 0 is mixed only through its truncated (correct) response; group 1 is really mixed.
+    first = part(np.array([[1.0, 0, 0], [1, 0, 0]]), np.array([[True, False, False], [False] * 3]))
+    second = part(np.array([[1.0, 0, 0], [0, 1, 0]]), np.zeros((2, 3), bool))
+    parts = iter([first, second])
+    monkeypatch.setattr(collect_lib, "sample_groups", lambda *a, **k: next(parts))
+    batches = iter([[{}, {}], [{}, {}]])
+    kw = dict(num_prompts=2, dynamic_sampling=True, max_refill_rounds=1, success_threshold=0.5, put=None)
+    batch, stats = collect_lib.collect(None, None, None, None, batches, lambda r: [1], jax.random.key(0),
+                                       mask_truncated=True, **kw)  # fmt: skip
+    assert stats["sampling_rounds"] == 2 and stats["informative_groups"] == 2
+    assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()

@@ -36,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from gtpo_jax.data.tokenizer import Tokenizer
+from gtpo_jax.losses.groups import informative_from_sets
 from gtpo_jax.models.sharding import rows_sharding
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rewards.registry import CRASH, ERROR, OK, TIMEOUT, reward_status
@@ -209,9 +210,9 @@ def collect(
                              jax.random.fold_in(key, rounds), put)  # fmt: skip
         parts.append(part)
         sampled += len(records)
-        correct = part.rewards > success_threshold
+        # The loss's own rule (losses.groups), on the responses the loss will keep.
         valid = part.valid & ~part.truncated if mask_truncated else part.valid
-        informative = (correct & valid).any(axis=1) & (~correct & valid).any(axis=1)
+        informative = np.asarray(informative_from_sets(part.rewards > success_threshold, valid))
         for row in range(len(records)):
             (kept if informative[row] or not dynamic_sampling else spare).append((rounds, row))
         if len(kept) >= num_prompts:
