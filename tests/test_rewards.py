@@ -43,8 +43,9 @@ MATH_CORPUS = [
     ("x^2+2x+1", "\\boxed{(x+1)^2}", 1),
     ("2", "\\boxed{\\sqrt{4}}", 1),
     ("10", "\\boxed{\\text{10}}", 1),
-    # Several boxed answers: the last one counts.
-    ("7", "first \\boxed{3}, then corrected: \\boxed{7}", 1),
+    # Several boxed answers that differ: rejected (a correction and a hedge look alike to a verifier).
+    ("7", "first \\boxed{3}, then corrected: \\boxed{7}", 0),
+    ("7", "first \\boxed{7}, checked again: \\boxed{7}", 1),
     ("3", "first \\boxed{3}, then corrected: \\boxed{7}", 0),
     ("5", "\\boxed{5} ... wait \\boxed{", 1),  # unclosed last box: the last complete one counts
     # Unclosed or malformed boxes.

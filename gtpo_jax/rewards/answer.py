@@ -23,7 +23,11 @@ relations such as `\\le`, `\\approx`, `\\ne`), `\\text` holding words that are n
 logical connectives, characters outside the answer alphabet (`<`, `;`, quotes, a `%` comment),
 several values where the reference has one, variables the reference does not have, an
 equation that does not hold, and exponent towers or huge factorials no verifier can evaluate in
-time. The reference (trusted) is parsed by the same grammar with words allowed.
+time (also `\\exp`, `e^`, `\\sinh`, `\\cosh`, `\\Gamma` of an exponential, a factorial, a power or
+a number over 9999), a `$` inside the answer (it ends math mode, so what is shown is not what
+is read), a `\\text{ }` space between digits (`5\\text{ }6` shows "5 6"), a prime (`5'`) and one
+value in square brackets (`[5]`). The reference (trusted) is parsed by the same grammar with
+words allowed; a reference that is one letter A-E (`C`, `(C)`) is a multiple-choice TEXT answer.
 """
 
 from __future__ import annotations
@@ -83,10 +87,12 @@ class Kind(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Value:
-    """One value in LaTeX (units dropped); `percent` when it ended in `\\%`."""
+    """One value in LaTeX (units dropped); `percent` when it ended in `\\%`, `degrees` when a
+    degree sign was dropped."""
 
     latex: str
     percent: bool = False
+    degrees: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,31 @@ def _screen(text: str) -> None:
     for m in re.finditer(r"([0-9]*)\s*\)?\s*!", text):
         if not m.group(1) or int(m.group(1)) > 1000:
             raise Rejected("a factorial of something other than a number <= 1000")
+    for m in _GROWTH.finditer(text):
+        argument = _argument(text, m.end())
+        if _GROWTH.search(argument) or re.search(r"!", argument):
+            raise Rejected(f"{m.group(0).strip()} of an exponential or factorial (a tower: too large to evaluate)")
+        if not letters_of(argument) and ("^" in argument or any(len(n) > 4 for n in re.findall(r"\d+", argument))):
+            raise Rejected(f"{m.group(0).strip()} of a number over 9999 or of a power (too large to evaluate)")
+
+
+_GROWTH = re.compile(r"\\(?:exp|sinh|cosh|Gamma)(?![A-Za-z])|(?<![A-Za-z\\])e\s*\^")
+_CLOSING = {"(": ")", "{": "}", "[": "]"}
+
+
+def _argument(text: str, i: int) -> str:
+    """The argument of a function whose name ends at `text[i]`: a bracketed group, else one token."""
+    m = re.match(r"\s*(?:\\left)?\s*", text[i:])
+    i += m.end()
+    if i < len(text) and text[i] in _CLOSING:
+        opening, closing, depth = text[i], _CLOSING[text[i]], 0
+        for j in range(i, len(text)):
+            depth += (text[j] == opening) - (text[j] == closing)
+            if depth == 0:
+                return text[i + 1 : j]
+        return text[i:]
+    m = re.match(r"\\[A-Za-z]+|[0-9.]+|[A-Za-z]", text[i:])
+    return m.group(0) if m else ""
 
 
 def _unwrap_text(text: str) -> str:
@@ -193,7 +224,7 @@ def _unwrap_text(text: str) -> str:
         if not words:
             if not re.fullmatch(r"[0-9.,\s()\-]*", content):
                 raise Rejected(f"\\text{{{content[:40]}}} holds symbols, not an answer")
-            out.append(content)
+            out.append(f" {content} " if inner != content else content)  # `5\text{ }6` shows "5 6"
         elif all(w in UNITS for w in words) and re.fullmatch(r"[A-Za-z\s.]*", content):
             if m := re.match(r"\s*\^\s*(?:\{\s*[23]\s*\}|[23])", text[k + len(inner) + 2 :]):
                 k += len(m.group(0))  # `\text{ cm}^2`
@@ -244,11 +275,23 @@ def _value(text: str, reference: Answer | None) -> Value:
         raise Rejected("a % inside the answer (in LaTeX, % starts a comment that hides the rest)")
     if not text:
         raise Rejected("an empty value")
-    if re.search(r"\d\s+\d", text) and not _is_thousands(text, reference):
+    if text.startswith("[") and text.endswith("]") and _group_end(text) == len(text) - 1:
+        raise Rejected("one value in square brackets (a list, a floor or a citation?)")
+    if re.search(r"(?<![\d_])\d+\s+\d", text) and not _is_thousands(text, reference):  # not `\log_2 8`
         raise Rejected("two numbers side by side (several candidate values?)")
     if _is_thousands(text, reference):
         text = text.replace(",", "").replace(" ", "")
     return Value(text, percent)
+
+
+def _group_end(text: str) -> int:
+    """Index where the bracket opening `text` closes (-1 if never)."""
+    depth = 0
+    for j, c in enumerate(text):
+        depth += (c in "([{") - (c in ")]}")
+        if depth == 0:
+            return j
+    return -1
 
 
 def _is_thousands(text: str, reference: Answer | None) -> bool:
@@ -312,6 +355,13 @@ def _text_answer(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9\s]", " ", text.lower()).split())
 
 
+def _with_degrees(answer: Answer, degrees: bool) -> Answer:
+    """A single value that carried a degree sign remembers it (`180^\\circ` may equal `\\pi`)."""
+    if degrees and answer.kind == Kind.VALUE and len(answer.items) == 1:
+        return dataclasses.replace(answer, items=(dataclasses.replace(answer.items[0], degrees=True),))
+    return answer
+
+
 def parse_answer(text: str, reference: Answer | None = None) -> Answer:
     """Parses `text`; `reference=None` parses a (trusted) reference answer, where words are TEXT.
 
@@ -324,6 +374,10 @@ def parse_answer(text: str, reference: Answer | None = None) -> Answer:
     if len(raw) > 512:
         raise Rejected("an answer over 512 characters")
     _screen(raw)
+    if re.search(r"(?<!\\)\$", raw):
+        raise Rejected("a $ inside the answer (it ends math mode: what is shown differs from what is read)")
+    if reference is None and re.fullmatch(r"\(?[A-E]\)?|\\text\{\s*\(?[A-E]\)?\s*\}", raw):
+        return Answer(Kind.TEXT, text=_text_answer(raw))  # a multiple-choice letter
     if reference is not None and reference.kind == Kind.TEXT:
         return Answer(Kind.TEXT, text=_text_answer(raw))
     ref_letters = reference.letters if reference is not None else frozenset()
@@ -333,6 +387,7 @@ def parse_answer(text: str, reference: Answer | None = None) -> Answer:
         if reference is None and re.fullmatch(r"[\\\w\s{}().,'-]*", raw):
             return Answer(Kind.TEXT, text=_text_answer(raw))
         raise
+    degrees = bool(_DEGREES.search(body))
     body = _strip_units(body, ref_letters)
     body = normalize(body)
     sides = _split_top(body, "=")
@@ -342,6 +397,8 @@ def parse_answer(text: str, reference: Answer | None = None) -> Answer:
         raise Rejected("\\in must be `variable \\in set`")
     if any(not s for s in sides):
         raise Rejected("an equation with an empty side")
+    if reference is not None and "'" in body:
+        raise Rejected("a prime ' (feet, minutes or a derivative), not a value")
     if reference is not None:
         words = [w for w in re.findall(r"[A-Za-z]+", _plain(body)) if len(w) > 1]
         for w in words:
@@ -352,11 +409,11 @@ def parse_answer(text: str, reference: Answer | None = None) -> Answer:
         if extra:
             raise Rejected(f"variables {''.join(sorted(extra))} that the reference answer does not have")
     if len(sides) == 1:
-        return _structure(sides[0], reference)
+        return _with_degrees(_structure(sides[0], reference), degrees)
     variable = sides[0] if _VARIABLE.fullmatch(sides[0]) else ""
     rest = sides[1:] if variable else sides
     if variable and len(rest) == 1:
-        return dataclasses.replace(_structure(rest[0], reference), variable=variable)
+        return dataclasses.replace(_with_degrees(_structure(rest[0], reference), degrees), variable=variable)
     if not any(letters_of(s) for s in rest):  # `9 + 9 = 18`: checked to hold, then its last side counts
         return Answer(Kind.EQUATION, tuple(_value(s, None) for s in rest), shape="chain", variable=variable)
     if len(sides) == 2 and (reference is None or reference.kind == Kind.EQUATION):

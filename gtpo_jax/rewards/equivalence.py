@@ -1,17 +1,29 @@
-"""Equivalence of two parsed answers (`rewards/answer.py`): exact for rationals, relative tolerance
-for everything else, structure first.
+"""Equivalence of two parsed answers (`rewards/answer.py`): exact, symbolic, and a relative
+tolerance only for a plain decimal or fraction against an irrational reference. Structure first.
 
 - Forms must match: a VALUE equals a VALUE (a `v = value` answer counts as its value, and its
   variable must be the reference's), LISTs and UNIONs match as multisets (any order), TUPLEs and
   MATRIXes element by element with the same brackets / shape, TEXT by normalised words.
-- Values: integers, decimals, fractions and mixed numbers are compared exactly as fractions; a
-  percentage `p\\%` equals a reference `p` or `p / 100`. Other values are read by math-verify's
-  LaTeX parser (never sympy's `parse_expr`, which evaluates Python) and compared numerically to
-  50 digits: `|a - b| <= rel_tol * max(|a|, |b|)`, at three fixed points when they have variables
-  (the prediction's variables must be among the reference's). Zero is only equal to zero, and
-  a rational reference only to an equal rational (or a closed form agreeing to 45 digits).
+- Values. Both plain rationals (integers, decimals, fractions, mixed numbers, repeating
+  decimals): exact equality. Otherwise both are read by math-verify's LaTeX parser (never sympy's
+  `parse_expr`, which evaluates Python; decimals are first rewritten as exact fractions) and:
+  - a prediction that is a closed form (anything but a plain number or fraction) equals the
+    reference only when sympy rewrites their difference to exactly 0 (`expand`, `cancel`,
+    `simplify`); nothing is evaluated numerically, so `3 + \\exp(-1000)` is not 3,
+    `\\frac{\\pi}{10^{9999}}` is not 0, `\\pi + 10^{-12}` is not `\\pi`, and in variables
+    `x^2 + (x-a)(x-b)(x-c)` is not `x^2` wherever it is evaluated;
+  - a prediction that is a plain decimal or fraction (an approximation) equals an irrational
+    constant reference when `|a - b| <= rel_tol * max(|a|, |b|)` (`1.41421356237` for
+    `\\sqrt{2}`); against a rational reference (also one such as `\\log_2 8` that simplifies to
+    a rational) it must be exactly equal. So zero equals only exact zero.
+  - a degree sign against a reference holding `\\pi` is converted (`180^\\circ` = `\\pi`);
+    otherwise degrees are a dropped unit (`90^\\circ` = `90`).
+- Percentages: `p\\%` equals a plain `v` when `v = p` and `|p| >= 1` (a dataset that dropped
+  the % sign: `15\\%` for 15), or when `v = p / 100` and `v` is not an integer (`15\\%` for
+  0.15). So `0.5\\%` is not 0.5 and `500\\%` is not 5; `100\\%` is not 1 (ambiguous).
 - An EQUATION chain (`9 + 9 = 18`) counts as its last side only if all sides are equal; a
-  general equation equals a reference equation when `lhs - rhs` of each differ by a constant factor.
+  general equation equals a reference equation when the ratio of their `lhs - rhs` simplifies to
+  a non-zero constant.
 """
 
 from __future__ import annotations
@@ -23,8 +35,6 @@ from fractions import Fraction
 from gtpo_jax.rewards.answer import Answer, Kind, Value
 
 DEFAULT_REL_TOL = 1e-9
-_EXACT_DIGITS = 50  # digits to which a non-rational form of a rational reference must agree
-_POINTS = ("0.5772156649", "1.6180339887", "-0.7071067812")  # irrational-looking, away from roots
 _NUMBER = r"\d+(?:\.\d*)?|\.\d+"
 _RATIONAL = [
     (re.compile(rf"(-?)({_NUMBER})"), lambda m: Fraction(m.group(2))),
@@ -66,32 +76,29 @@ def rational(latex: str) -> Fraction | None:
     return None
 
 
+_DECIMAL = re.compile(r"(?<![\d.])(\d*)\.(\d+)(?![\d.])")
+
+
+def _exact_decimals(latex: str) -> str:
+    """Decimals as exact fractions (`4.0001` -> `(\\frac{40001}{10000})`): math-verify's parser
+    reads some as 15-digit floats, and `\\sqrt{4.000...01}` must not round to `\\sqrt{4}`."""
+
+    def exact(m: re.Match) -> str:
+        return rf"(\frac{{{int((m.group(1) or '0') + m.group(2))}}}{{1{'0' * len(m.group(2))}}})"
+
+    return _DECIMAL.sub(exact, latex)
+
+
 def _sympy(latex: str):
-    from sympy import Basic
+    """The parsed sympy expression of `latex` (decimals exact), or None (also when it holds a float)."""
+    from sympy import Expr, Float
 
     from gtpo_jax.rewards.math import latex_parse
 
-    found = [x for x in latex_parse(latex) if isinstance(x, Basic)]
-    return found[0] if found else None
-
-
-def _close(a, b, rel_tol: float) -> bool:
-    """Numeric equality of two constant sympy values: exact when both are rational (an integer or
-    fraction reference is never matched within a tolerance: a non-rational prediction must then
-    agree to `_EXACT_DIGITS` digits), else `|a - b| <= rel_tol * max(|a|, |b|)`."""
-    if a == b:
-        return True
-    if not (a.is_number and b.is_number) or a.has(*_nonfinite()) or b.has(*_nonfinite()):
-        return False
-    a, b = a.doit(), b.doit()
-    if a.is_Rational and b.is_Rational:
-        return a == b
-    if a.is_Rational:
-        rel_tol = min(rel_tol, 10.0 ** (5 - _EXACT_DIGITS))
-    x, y = complex(a.evalf(_EXACT_DIGITS)), complex(b.evalf(_EXACT_DIGITS))
-    if not all(map(math.isfinite, (x.real, x.imag, y.real, y.imag))):
-        return False  # overflowed: too large to compare
-    return abs(x - y) <= rel_tol * max(abs(x), abs(y))
+    found = [x for x in latex_parse(_exact_decimals(latex)) if isinstance(x, Expr)]
+    if not found or found[0].has(Float) or found[0].has(*_nonfinite()):
+        return None
+    return found[0]
 
 
 def _nonfinite():
@@ -100,25 +107,49 @@ def _nonfinite():
     return (oo, -oo, zoo, nan)
 
 
-def _same_expression(gold: str, pred: str, rel_tol: float) -> bool:
-    g, p = _sympy(gold), _sympy(pred)
-    if g is None or p is None or not hasattr(g, "free_symbols") or not hasattr(p, "free_symbols"):
+def _is_zero(difference) -> bool:
+    """True only when sympy rewrites `difference` to exactly 0 (no numeric evaluation: a tiny
+    non-zero term such as `\\exp(-1000)` or `10^{-60}\\sqrt{2}` is not zero)."""
+    from sympy import cancel, expand, simplify
+
+    if difference == 0:
+        return True
+    for rewrite in (expand, cancel, simplify):
+        if rewrite(difference) == 0:
+            return True
+    return False
+
+
+def _same_expression(gold: str, pred: str, rel_tol: float, approximation=None) -> bool:
+    """`gold` against `pred` (a closed form), or against `approximation` (the exact value of a plain
+    number or fraction the prediction is, compared within `rel_tol` to an irrational gold)."""
+    from sympy import Rational, simplify
+
+    g = _sympy(gold)
+    p = _sympy(pred) if approximation is None else Rational(approximation.numerator, approximation.denominator)
+    if g is None or p is None:
         return False
     gold_symbols = {s.name: s for s in g.free_symbols}
     if not {s.name for s in p.free_symbols} <= set(gold_symbols):
         return False
-    if not gold_symbols:
-        return _close(g, p, rel_tol)
-    from sympy import Rational
-
-    pred_symbols = {s.name: s for s in p.free_symbols}
-    for shift, point in enumerate(_POINTS):
-        values = {name: Rational(_POINTS[(i + shift) % 3]) for i, name in enumerate(sorted(gold_symbols))}
-        at_g = g.subs({gold_symbols[n]: v for n, v in values.items()}).evalf(_EXACT_DIGITS)
-        at_p = p.subs({pred_symbols[n]: values[n] for n in pred_symbols}).evalf(_EXACT_DIGITS)
-        if not _close(at_g, at_p, rel_tol):
+    p = p.xreplace({s: gold_symbols[s.name] for s in p.free_symbols})
+    if approximation is not None:  # a decimal (or fraction) against a constant gold
+        if g.free_symbols:
             return False
-    return True
+        exact = g if g.is_Rational else simplify(g)
+        if exact.is_Rational:
+            return exact == p
+        x, y = complex(exact.evalf(50)), complex(p)
+        if not all(map(math.isfinite, (x.real, x.imag))):
+            return False
+        return abs(x - y) <= rel_tol * max(abs(x), abs(y))
+    return _is_zero(p - g)
+
+
+def _percent_equal(q: Fraction, v: Fraction) -> bool:
+    """`q\\%` against a plain `v`: the dataset dropped the % sign (`v = q`, only when q >= 1), or
+    `v` is the fraction (`v = q / 100`, only when v is not an integer)."""
+    return (v == q and abs(q) >= 1) or (v == q / 100 and v.denominator != 1)
 
 
 def same_value(gold: Value, pred: Value, rel_tol: float = DEFAULT_REL_TOL) -> bool:
@@ -129,12 +160,19 @@ def same_value(gold: Value, pred: Value, rel_tol: float = DEFAULT_REL_TOL) -> bo
     if g is not None and p is not None:
         if gold.percent == pred.percent:
             return g == p
-        return p == g or (p / 100 == g if pred.percent else p == g / 100)
+        return _percent_equal(p, g) if pred.percent else _percent_equal(g, p)
     if gold.percent != pred.percent:
         return False  # a percentage of a non-rational value: rare enough to require the same form
-    if "_" in gold.latex or "_" in pred.latex:
+    if re.search(r"\d\s*_", gold.latex + " " + pred.latex):
         return False  # base-n numbers (`52_8`) are compared as written
-    return _same_expression(gold.latex, pred.latex, rel_tol)
+    try:
+        if pred.degrees and not gold.degrees and "\\pi" in gold.latex:
+            return _same_expression(gold.latex, rf"\frac{{\pi}}{{180}}\cdot({pred.latex})", rel_tol)
+        if gold.degrees and not pred.degrees and "\\pi" in pred.latex:
+            return _same_expression(rf"\frac{{\pi}}{{180}}\cdot({gold.latex})", pred.latex, rel_tol)
+        return _same_expression(gold.latex, pred.latex, rel_tol, approximation=p)
+    except (RecursionError, ArithmeticError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def _chain_holds(answer: Answer, rel_tol: float) -> bool:
@@ -156,23 +194,25 @@ def _matched(gold: tuple, pred: tuple, same) -> bool:
 
 
 def _general_equation(gold: Answer, pred: Answer, rel_tol: float) -> bool:
-    """`lhs - rhs` of both, at the fixed points, in a constant non-zero ratio."""
-    from sympy import Rational
+    """`lhs - rhs` of both in a constant non-zero ratio, decided symbolically."""
+    from sympy import cancel, simplify
 
     sides = [_sympy(v.latex) for v in gold.items + pred.items]
-    if any(s is None or not hasattr(s, "free_symbols") for s in sides):
+    if any(s is None for s in sides):
         return False
     g, p = sides[0] - sides[1], sides[2] - sides[3]
-    symbols = {s.name: s for s in g.free_symbols} | {s.name: s for s in p.free_symbols}
-    names = sorted(symbols)
-    ratios = []
-    for shift in range(3):
-        values = {name: Rational(_POINTS[(i + shift) % 3]) for i, name in enumerate(names)}
-        at = [e.subs({s: values[s.name] for s in e.free_symbols}).evalf(_EXACT_DIGITS) for e in (g, p)]
-        if not all(x.is_number and x.is_finite for x in at) or at[0] == 0 or at[1] == 0:
-            return False
-        ratios.append(complex(at[1]) / complex(at[0]))
-    return all(abs(r - ratios[0]) <= rel_tol * abs(ratios[0]) for r in ratios)
+    names = {s.name: s for s in g.free_symbols}
+    if not g.free_symbols or not {s.name for s in p.free_symbols} <= set(names):
+        return False
+    p = p.xreplace({s: names[s.name] for s in p.free_symbols})
+    try:
+        for rewrite in (cancel, simplify):
+            ratio = rewrite(p / g)
+            if not ratio.free_symbols:
+                return ratio != 0 and ratio.is_finite is True
+    except (RecursionError, ArithmeticError, ValueError, TypeError, AttributeError):
+        pass
+    return False
 
 
 def equivalent_answers(gold: Answer, pred: Answer, rel_tol: float = DEFAULT_REL_TOL) -> bool:

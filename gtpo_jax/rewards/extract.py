@@ -60,6 +60,76 @@ def last_boxed(
         end = start
 
 
+def _boxes(text: str, max_answer_chars: int) -> list[tuple[int, int, str]]:
+    """Every complete box `(start, end, contents)` in `text`, outermost only, in order."""
+    found: list[tuple[int, int, str]] = []
+    for m in re.finditer(r"\\(?:boxed|fbox)(?![A-Za-z])", text):
+        i = m.end()
+        if found and m.start() < found[-1][1]:
+            continue  # inside the previous box
+        if i < len(text) and text[i] == "{":
+            inner = _braced(text, i, max_answer_chars)
+            if inner is not None:
+                found.append((m.start(), i + len(inner) + 2, inner))
+        elif b := re.match(r" ([^\s$]{1,64})", text[i:]):
+            found.append((m.start(), i + b.end(), b.group(1)))
+    return found
+
+
+_UNBOXED = re.compile(r"^\\(?:boxed|fbox)\s*\{(.*)\}$", re.S)
+# Just before the final box: a sign, an operator, or the opening of a command's argument.
+_BEFORE = re.compile(
+    r"(?:[-+*/^_|<>−]|\\(?:cdot|times|div|pm|mp|neg|lnot|not|sim|approx|ne|neq|le|leq|ge|geq|"
+    r"frac|dfrac|tfrac|cfrac|sqrt|binom|log|ln|exp|sin|cos|tan|overline|sqrt\[[^\]]*\]))$"
+)
+# Just after it: an exponent, subscript, prime, factorial, operator or more digits.
+_AFTER = re.compile(r"^(?:[\^_'!+\-*/−0-9]|[.,]\s*[0-9]|\\(?:cdot|times|div|pm|mp|frac|sqrt|not|ne|neq))")
+HEDGES = frozenset(
+    "or nor maybe perhaps possibly probably either alternatively otherwise unless not wrong incorrect "
+    "approximately approx roughly instead".split()
+)  # fmt: skip
+
+
+def boxed_hedge(
+    text: str, *, tail_chars: int = DEFAULT_TAIL_CHARS, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+) -> str | None:
+    """Why the boxed final answer is not the one answer it shows, or None when it is.
+
+    Rejected (strict mode): boxes with different contents (`\\boxed{6} or maybe \\boxed{5}`), and a
+    final box that a sign or operator precedes (`-\\boxed{5}`, `\\frac{\\boxed{1}}{2}`), or that an
+    exponent, operator, digit or hedge word (`or`, `maybe`, `not`...) follows on its line
+    (`\\boxed{5}^{-1}`, `\\boxed{5}\\text{ or }6`).
+    """
+    text = _tail(text, tail_chars)
+    boxes = _boxes(text, max_answer_chars)
+    if not boxes:
+        return None
+
+    def contents(inner: str) -> str:
+        while m := _UNBOXED.match(inner.strip().strip("$").strip()):
+            inner = m.group(1)
+        return re.sub(r"[\s$]", "", inner)
+
+    if len({contents(inner) for _, _, inner in boxes}) > 1:
+        return "several boxed answers that differ"
+    start, end, _ = boxes[-1]
+    before = text[text.rfind("\n", 0, start) + 1 : start]
+    while (stripped := re.sub(r"(?:\s|\$|\\left|\\[(\[]|[(\[{])+$", "", before)) != before:
+        before = stripped
+    if _BEFORE.search(before):
+        return "a sign or operator before the final box"
+    line_end = text.find("\n", end)
+    after = text[end : len(text) if line_end < 0 else line_end]
+    while (stripped := re.sub(r"^(?:\s|\$|\\right|\\[)\]]|[)\]}])+", "", after)) != after:
+        after = stripped
+    if _AFTER.search(after):
+        return "an exponent, operator or digit after the final box"
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\\[A-Za-z]+", " ", after))}
+    if words & HEDGES:
+        return f"a hedge after the final box ({', '.join(sorted(words & HEDGES))})"
+    return None
+
+
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]{0,512})")
 
 

@@ -4,7 +4,9 @@
   GSM8K-style `#### N` final line) is checked against `record["answer"]`. Strict mode (the
   default) first parses it with the answer grammar of `rewards/answer.py`, which rejects extra
   words, several candidates, hiding or colour commands and relations that do not hold, then
-  compares with `rewards/equivalence.py` (exact rationals, relative tolerance `rel_tol`).
+  compares with `rewards/equivalence.py` (exact rationals, relative tolerance `rel_tol`); the
+  box itself must be the one answer shown (`extract.boxed_hedge`: no differing boxes, no sign
+  before it, no exponent, operator or `or` after it).
   `strict=False` is the former lenient check: math-verify (HF's verifier) equivalence. Either
   way only math-verify's LaTeX parser is used: its plain-expression path hands text to sympy's
   `parse_expr`, which evaluates Python, and is never used. 1 or 0.
@@ -25,7 +27,14 @@ from typing import Any
 
 from gtpo_jax.rewards.answer import Rejected, normalize, parse_answer
 from gtpo_jax.rewards.equivalence import DEFAULT_REL_TOL, canonical, equivalent_answers
-from gtpo_jax.rewards.extract import answer_line, is_plain, last_boxed, normalize_final_answer, pattern_answer
+from gtpo_jax.rewards.extract import (
+    answer_line,
+    boxed_hedge,
+    is_plain,
+    last_boxed,
+    normalize_final_answer,
+    pattern_answer,
+)
 
 GSM8K_FINAL_LINE = r"(?m)^[ \t]*####[ \t]*(\S[^\n]{0,63}?)[ \t]*$"
 
@@ -89,9 +98,11 @@ def strict_equivalent(gold: str, pred: str, *, rel_tol: float = DEFAULT_REL_TOL)
         return False, f"reference {gold[:60]!r} is outside the answer grammar ({e}); only its exact text is accepted"
     try:
         answer = parse_answer(pred, reference)
+        return equivalent_answers(reference, answer, rel_tol), None
     except Rejected as e:
         return False, str(e)
-    return equivalent_answers(reference, answer, rel_tol), None
+    except (RecursionError, ArithmeticError, MemoryError) as e:  # `\Gamma(10^{9999})` and the like
+        return False, f"cannot be evaluated safely ({type(e).__name__})"
 
 
 def final_answer(completion: str, answer_pattern: str | None = None) -> str | None:
@@ -120,6 +131,8 @@ def math_reward(
         return 0.0, {"extracted": pred[:100], "rejected": "control characters or look-alike digits"}
     if not strict:
         return float(equivalent(gold_answer(record), pred, timeout_s=timeout_s)), {"extracted": pred[:100]}
+    if last_boxed(completion) is not None and (hedge := boxed_hedge(completion)):
+        return 0.0, {"extracted": pred[:100], "rejected": hedge}
     correct, why = strict_equivalent(gold_answer(record), pred, rel_tol=rel_tol)
     return float(correct), {"extracted": pred[:100]} | ({"rejected": why} if why else {})
 
