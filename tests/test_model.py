@@ -173,3 +173,14 @@ def test_bad_configs_name_the_field():
         config_to_hf(get_preset("tiny", architecture="qwen3"))
     with pytest.raises(ValueError, match="sliding_window=0: must be > 0"):
         get_preset("tiny_gemma3", sliding_window=0)
+
+
+def test_tie_word_embeddings_defaults_to_the_family_default():
+    """A config.json without `tie_word_embeddings` gets transformers' default for its family
+    (Gemma 3: tied; Llama / Qwen: untied)."""
+    from gtpo_jax.models.weights import config_to_hf
+
+    for preset, tied in (("tiny_gemma3", True), ("tiny", False), ("tiny_qwen3", False)):
+        hf = config_to_hf(get_preset(preset, tie_embeddings=tied))
+        del hf["tie_word_embeddings"]
+        assert config_from_hf(hf).tie_embeddings is tied, preset

@@ -73,6 +73,7 @@ class Family:
     read_config: Callable[[dict], dict]  # family-specific ModelConfig fields from config.json
     write_config: Callable[[ModelConfig], dict]  # family-specific config.json fields
     stop_tokens: tuple[str, ...]  # tokens that end an assistant turn (besides eos)
+    hf_tie_default: bool = False  # transformers' `tie_word_embeddings` default for the family
     gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _GGUF_BLOCK)
     gguf_rotary_permuted: bool = False  # llama.cpp permutes Q/K rows of llama-architecture files
     gguf_norm_shift: float = 0.0  # llama.cpp stores norm weights + shift for (1 + w) norms
@@ -217,7 +218,7 @@ FAMILIES: dict[str, Family] = {
             switches=_SWITCHES | {"qk_norm": True, "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
                       "activation": "gelu_tanh"},
             block_norms=_SANDWICH_NORMS, activation_key="hidden_activation", hf_activation="gelu_pytorch_tanh",
-            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",),
+            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",), hf_tie_default=True,
             gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
             chat_template=GEMMA_CHAT_TEMPLATE,
         ),
@@ -261,7 +262,7 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or 0,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", fam.hf_tie_default)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         architecture=fam.name,
     )
