@@ -74,6 +74,9 @@ class Family:
     write_config: Callable[[ModelConfig], dict]  # family-specific config.json fields
     stop_tokens: tuple[str, ...]  # tokens that end an assistant turn (besides eos)
     hf_tie_default: bool = False  # transformers' `tie_word_embeddings` default for the family
+    # Multimodal wrappers (a config.json with `text_config`): for each layout transformers writes,
+    # the prefix that replaces `model.` in the text model's tensor names, and the lm_head's name.
+    hf_wrapped: tuple[tuple[str, str], ...] = ()
     gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _GGUF_BLOCK)
     gguf_rotary_permuted: bool = False  # llama.cpp permutes Q/K rows of llama-architecture files
     gguf_norm_shift: float = 0.0  # llama.cpp stores norm weights + shift for (1 + w) norms
@@ -219,6 +222,8 @@ FAMILIES: dict[str, Family] = {
                       "activation": "gelu_tanh"},
             block_norms=_SANDWICH_NORMS, activation_key="hidden_activation", hf_activation="gelu_pytorch_tanh",
             read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",), hf_tie_default=True,
+            hf_wrapped=(("model.language_model.", "lm_head.weight"),  # transformers 5.x
+                        ("language_model.model.", "language_model.lm_head.weight")),  # 4.x, the Hub's files
             gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
             chat_template=GEMMA_CHAT_TEMPLATE,
         ),
@@ -246,8 +251,11 @@ def family_of_hf(hf: dict) -> Family:
 def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     """`ModelConfig` from a parsed HF `config.json` (transformers 4.x or 5.x layout)."""
     fam = family_of_hf(hf)
-    if fam.name == "gemma3" and "text_config" in hf:  # the multimodal wrapper: read its text part
-        return config_from_hf({"model_type": "gemma3_text"} | hf["text_config"], **overrides)
+    if "text_config" in hf:  # a multimodal wrapper: read its text model's config
+        if not fam.hf_wrapped:
+            raise ValueError(f"config.json: a multimodal {fam.name} checkpoint (text_config) is not supported")
+        top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
+        return config_from_hf({"model_type": fam.hf_model_types[0]} | top | hf["text_config"], **overrides)
     extra = fam.read_config(hf)  # first: its unsupported-variant errors are the most useful
     activation = hf.get(fam.activation_key, fam.hf_activation)
     if activation != fam.hf_activation:
