@@ -81,6 +81,9 @@ class Family:
     gguf_rotary_permuted: bool = False  # llama.cpp permutes Q/K rows of llama-architecture files
     gguf_norm_shift: float = 0.0  # llama.cpp stores norm weights + shift for (1 + w) norms
     gguf_read_config: Callable[[Callable[[str, Any], Any]], dict] = lambda field: {}
+    # `{arch}.*` GGUF keys that must be present: llama.cpp's llama defaults (rope base 1e4, RMS
+    # epsilon 1e-5, head size hidden / heads) are wrong for the family.
+    gguf_required: tuple[str, ...] = ()
     chat_template: str | None = None  # for checkpoints (GGUF) that carry none
 
     def hf_block_names(self, cfg: ModelConfig) -> dict[str, str]:
@@ -184,13 +187,27 @@ def _write_gemma3(cfg: ModelConfig) -> dict:
 
 
 def _gguf_gemma3(field: Callable[[str, Any], Any]) -> dict:
-    """llama.cpp's Gemma 3: every 6th layer global, local rope base 10000 unless stored."""
+    """llama.cpp's Gemma 3: every 6th layer global; local rope base 10000 unless stored (llama.cpp
+    and transformers both use 10000). llama.cpp's converter stores no `query_pre_attn_scalar`:
+    a file's `attention.scale` (= query_pre_attn_scalar ** -0.5), when it has one, gives it;
+    otherwise llama.cpp's own rule: key_length, except hidden / heads for the 62-layer 27B
+    (gemma_pytorch's rule; the released configs agree: 168 for the 27B, 256 = head_dim for
+    270M to 12B)."""
     layers = int(field("gemma3.block_count", None))
+    scale = field("gemma3.attention.scale", 0.0)
+    if scale:
+        scalar = round(float(scale) ** -2)
+        if abs(scalar * float(scale) ** 2 - 1) > 1e-4:
+            raise ValueError(f"GGUF gemma3.attention.scale={scale}: not 1/sqrt of an integer query_pre_attn_scalar")
+    elif layers == 62:
+        scalar = int(field("gemma3.embedding_length", None)) // int(field("gemma3.attention.head_count", None))
+    else:
+        scalar = int(field("gemma3.attention.key_length", None))
     return {
         "layer_types": tuple(SLIDING if (i + 1) % 6 else FULL for i in range(layers)),
-        "sliding_window": int(field("gemma3.attention.sliding_window", 0)),
+        "sliding_window": int(field("gemma3.attention.sliding_window", None)),
         "rope_local_theta": float(field("gemma3.rope.freq_base_swa", 10000.0)),
-        "query_pre_attn_scalar": int(field("gemma3.attention.key_length", 0)),
+        "query_pre_attn_scalar": scalar,
     }
 
 
@@ -225,6 +242,7 @@ FAMILIES: dict[str, Family] = {
             hf_wrapped=(("model.language_model.", "lm_head.weight"),  # transformers 5.x
                         ("language_model.model.", "language_model.lm_head.weight")),  # 4.x, the Hub's files
             gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
+            gguf_required=("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.key_length"),
             chat_template=GEMMA_CHAT_TEMPLATE,
         ),
     )

@@ -83,8 +83,15 @@ def gguf_family(reader) -> Family:
 
 
 def gguf_config(reader) -> ModelConfig:
-    """`ModelConfig` from a GGUF file's `{architecture}.*` metadata."""
+    """`ModelConfig` from a GGUF file's `{architecture}.*` metadata.
+
+    Keys llama.cpp treats as optional get llama.cpp's defaults (rope base 1e4, RMS epsilon 1e-5,
+    head size hidden / heads) unless the family lists them in `gguf_required`, where those
+    defaults would be wrong (Gemma 3). Rope scaling: none, or linear (`rope.scaling.type`
+    "linear", or a `rope.scaling.factor` without a type, as llama.cpp reads it); others refused.
+    """
     fam = gguf_family(reader)
+    a = fam.name
 
     def field(key: str, default: Any = None) -> Any:
         value = _field(reader, key, default)
@@ -92,13 +99,13 @@ def gguf_config(reader) -> ModelConfig:
             raise ValueError(f"GGUF metadata {key!r} is missing")
         return value
 
-    a = fam.name
+    def hparam(name: str, default: Any) -> Any:
+        """`{a}.{name}`: required for the family, else `default` when absent."""
+        return field(f"{a}.{name}") if name in fam.gguf_required else _field(reader, f"{a}.{name}", default)
+
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     heads = int(field(f"{a}.attention.head_count"))
     hidden = int(field(f"{a}.embedding_length"))
-    head_dim = int(
-        _field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))
-    )
     fields = dict(
         vocab_size=int(_field(reader, f"{a}.vocab_size", len(field("tokenizer.ggml.tokens")))),
         hidden_size=hidden,
@@ -106,13 +113,21 @@ def gguf_config(reader) -> ModelConfig:
         num_layers=int(field(f"{a}.block_count")),
         num_heads=heads,
         num_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=int(hparam("attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))),
+        rope_theta=float(hparam("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(hparam("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=not has_output,
         max_position_embeddings=int(_field(reader, f"{a}.context_length", 4096)),
         architecture=a,
     )
+    kind = _field(reader, f"{a}.rope.scaling.type")
+    factor = _field(reader, f"{a}.rope.scaling.factor", _field(reader, f"{a}.rope.scale_linear"))
+    if kind not in (None, "none", "linear") or (kind == "none" and factor not in (None, 0.0, 1.0)):
+        raise ValueError(
+            f"GGUF {a}.rope.scaling.type={kind!r} (factor {factor}) is not supported: only linear rope scaling is"
+        )
+    if kind != "none" and factor not in (None, 0.0):  # llama.cpp: 0 means no scaling
+        fields["rope_linear_factor"] = float(factor)
     return ModelConfig(**(fields | dict(fam.switches) | fam.gguf_read_config(field)))
 
 
