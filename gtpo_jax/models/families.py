@@ -247,7 +247,6 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }  # fmt: skip
-STOP_TOKENS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.stop_tokens))
 
 
 def family(name: str) -> Family:
