@@ -11,6 +11,7 @@ the Hugging Face layout (one tensor per layer, sorted by name) and loaded with `
 run before and after a change of the parameter tree scores with identical weights.
 
     python benchmarks/compile_depth.py --label before > benchmarks/results/compile_depth_before.json
+    python benchmarks/compile_depth.py --label scan --layers 7 > benchmarks/results/compile_depth_scan_L7.json
 """
 
 from __future__ import annotations

@@ -56,6 +56,15 @@ def save_tiny(kind: str, directory: str, seed: int = 0):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.normal_(0.0 if kind == "gemma3" else 1.0, 0.2)
+        if kind == "gemma3":
+            # At HF's 0.02 init the MLP's pre-activations are ~N(0, 0.03), where tanh-GELU and exact
+            # GELU agree to ~1e-7, and the logits are ~0.5: exact GELU would pass at 1e-4. Gate
+            # weights of std 0.25 put the pre-activations at ~N(0, 2), where the two differ most,
+            # and tied embeddings of std 0.3 give logits ~18: exact GELU then misses by ~9e-4
+            # (tanh-GELU matches to ~4e-6).
+            for layer in model.model.layers:
+                layer.mlp.gate_proj.weight.normal_(0.0, 0.25)
+            model.model.embed_tokens.weight.normal_(0.0, 0.3)
     model.eval()
     model.save_pretrained(directory)
     return model

@@ -110,3 +110,77 @@ def test_gemma3_270m_answers_and_matches_transformers_greedy_tokens(gemma3_dir):
     with torch.no_grad():
         theirs = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
     assert ours[:8] == theirs.tolist(), (answer, tok.decode(theirs.tolist()))
+
+
+GEMMA3_META = {
+    "gemma3.context_length": 32768, "gemma3.embedding_length": 64, "gemma3.feed_forward_length": 128,
+    "gemma3.block_count": 6, "gemma3.attention.head_count": 4, "gemma3.attention.head_count_kv": 2,
+    "gemma3.attention.key_length": 32, "gemma3.attention.value_length": 32, "gemma3.rope.freq_base": 1e6,
+    "gemma3.attention.layer_norm_rms_epsilon": 1e-6, "gemma3.attention.sliding_window": 512,
+}  # fmt: skip
+
+
+def write_gguf(path, arch, meta):
+    """A metadata-only GGUF file (one embedding tensor) written by the `gguf` package."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(16)])
+    writer.add_tensor("token_embd.weight", np.zeros((16, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_cfg(tmp_path, arch, meta):
+    from gtpo_jax.models.gguf import _reader, gguf_config
+
+    return gguf_config(_reader(write_gguf(tmp_path / "m.gguf", arch, meta)))
+
+
+def test_gguf_gemma3_config_reads_every_field(tmp_path):
+    cfg = gguf_cfg(tmp_path, "gemma3", GEMMA3_META)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps, cfg.sliding_window) == (32, 1e6, np.float32(1e-6), 512)
+    assert cfg.rope_local_theta == 1e4 and cfg.rope_linear_factor == 1.0 and cfg.tie_embeddings
+    assert cfg.layer_types.count("full_attention") == 1
+    # llama.cpp's scale: 1/sqrt(key_length), except the 62-layer 27B (1/sqrt(hidden / heads)) ...
+    assert cfg.query_pre_attn_scalar == 32
+    assert gguf_cfg(tmp_path, "gemma3", GEMMA3_META | {"gemma3.block_count": 62}).query_pre_attn_scalar == 16
+    # ... unless the file states it
+    scaled = gguf_cfg(tmp_path, "gemma3", GEMMA3_META | {"gemma3.attention.scale": 24**-0.5})
+    assert scaled.query_pre_attn_scalar == 24
+    linear = {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+    assert gguf_cfg(tmp_path, "gemma3", GEMMA3_META | linear).rope_linear_factor == 8.0
+
+
+@pytest.mark.parametrize(
+    "key", ["rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.key_length", "attention.sliding_window"]
+)
+def test_gguf_gemma3_without_a_required_key_is_refused(tmp_path, key):
+    meta = {k: v for k, v in GEMMA3_META.items() if k != f"gemma3.{key}"}
+    with pytest.raises(ValueError, match=rf"GGUF metadata 'gemma3\.{key}' is missing"):
+        gguf_cfg(tmp_path, "gemma3", meta)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_gguf_rope_scaling_other_than_linear_is_refused(tmp_path, arch):
+    meta = {k.replace("gemma3.", f"{arch}."): v for k, v in GEMMA3_META.items()}
+    meta |= {f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": 4.0}
+    with pytest.raises(ValueError, match=rf"{arch}\.rope\.scaling\.type='yarn'"):
+        gguf_cfg(tmp_path, arch, meta)
+
+
+def test_gguf_llama_keeps_llama_cpp_defaults(tmp_path):
+    meta = {k.replace("gemma3.", "llama."): v for k, v in GEMMA3_META.items() if "sliding" not in k}
+    del meta["llama.rope.freq_base"], meta["llama.attention.layer_norm_rms_epsilon"]
+    cfg = gguf_cfg(tmp_path, "llama", meta)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.rope_linear_factor) == (1e4, 1e-5, 1.0)

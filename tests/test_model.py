@@ -173,3 +173,64 @@ def test_bad_configs_name_the_field():
         config_to_hf(get_preset("tiny", architecture="qwen3"))
     with pytest.raises(ValueError, match="sliding_window=0: must be > 0"):
         get_preset("tiny_gemma3", sliding_window=0)
+
+
+def test_tie_word_embeddings_defaults_to_the_family_default():
+    """A config.json without `tie_word_embeddings` gets transformers' default for its family
+    (Gemma 3: tied; Llama / Qwen: untied)."""
+    from gtpo_jax.models.weights import config_to_hf
+
+    for preset, tied in (("tiny_gemma3", True), ("tiny", False), ("tiny_qwen3", False)):
+        hf = config_to_hf(get_preset(preset, tie_embeddings=tied))
+        del hf["tie_word_embeddings"]
+        assert config_from_hf(hf).tie_embeddings is tied, preset
+
+
+def _as_multimodal(src, dst, text_prefix, lm_head):
+    """A Gemma3ForConditionalGeneration-style copy of the tiny text checkpoint `src`: config with
+    `text_config`, text tensors under `text_prefix`, plus a (fake) vision tower and projector."""
+    import json
+
+    from gtpo_jax.models.safetensors_io import save_checkpoint
+
+    original = CheckpointReader(src)
+    tensors = {}
+    for name in original.keys():
+        if name == "lm_head.weight":
+            tensors[lm_head] = np.asarray(original[name])
+        else:
+            tensors[text_prefix + name.removeprefix("model.")] = np.asarray(original[name])
+    vision = "model.vision_tower." if text_prefix.startswith("model.") else "vision_tower."
+    tensors[vision + "vision_model.embeddings.patch_embedding.weight"] = np.ones((8, 3, 2, 2), np.float32)
+    tensors[vision.replace("vision_tower", "multi_modal_projector") + "mm_input_projection_weight"] = np.ones(
+        (8, 64), np.float32
+    )
+    save_checkpoint(tensors, dst)
+    text = json.loads((src / "config.json").read_text())
+    text.pop("tie_word_embeddings")  # the wrapper's configs keep it at the top level
+    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+              "vision_config": {"model_type": "siglip_vision_model"}, "tie_word_embeddings": True}  # fmt: skip
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("text_prefix", "lm_head"),
+    [("model.language_model.", "lm_head.weight"), ("language_model.model.", "language_model.lm_head.weight")],
+)
+def test_multimodal_gemma3_checkpoint_loads_its_text_model(text_prefix, lm_head, tmp_path, caplog):
+    """Gemma3ForConditionalGeneration checkpoints (transformers 5.x and 4.x layouts) load their text
+    model, the vision tower left out with a warning that says so."""
+    save_tiny("gemma3", str(tmp_path / "text"))
+    _as_multimodal(tmp_path / "text", tmp_path / "mm", text_prefix, lm_head)
+    text, multimodal = load_hf(tmp_path / "text"), load_hf(tmp_path / "mm")
+    assert multimodal.cfg == text.cfg
+    for a, b in zip(jax.tree.leaves(nnx.state(text)), jax.tree.leaves(nnx.state(multimodal)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any("vision" in r.getMessage() and "not loaded" in r.getMessage() for r in caplog.records)
+
+
+def test_multimodal_checkpoint_with_unknown_tensor_names_is_refused(tmp_path):
+    save_tiny("gemma3", str(tmp_path / "text"))
+    _as_multimodal(tmp_path / "text", tmp_path / "mm", "text_model.", "text_model.lm_head.weight")
+    with pytest.raises(ValueError, match=r"mm/config\.json.*text_config.*model\.language_model\..*convert"):
+        load_hf(tmp_path / "mm")

@@ -57,6 +57,7 @@ def _bpe(questions, tmp_path):
     config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
               "chat_template": CHAT_TEMPLATES["chatml"]}  # fmt: skip
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    _write_family(tmp_path, "tiny_qwen2")  # a Qwen2 (ChatML) checkpoint: stops at <|im_end|>, <|endoftext|>
     return HFTokenizer.from_dir(tmp_path)
 
 
@@ -121,3 +122,59 @@ def test_char_tokenizer_and_plain_templates():
         tok.render_chat([{"role": "user", "content": "1"}])
     plain = render_template(CHAT_TEMPLATES["plain"], [{"role": "user", "content": "2+2?"}])
     assert plain == "Question: 2+2?\nAnswer: "
+
+
+def _write_family(directory, preset):
+    from gtpo_jax.models.presets import get_preset
+    from gtpo_jax.models.weights import config_to_hf
+
+    (directory / "config.json").write_text(json.dumps(config_to_hf(get_preset(preset))))
+
+
+@pytest.mark.parametrize(
+    ("preset", "stops"),
+    [
+        ("tiny_qwen2", ["<eos>", "<|im_end|>", "<|endoftext|>"]),
+        ("tiny_gemma3", ["<eos>", "<end_of_turn>"]),
+        ("tiny", ["<eos>", "<|eot_id|>", "<|im_end|>"]),
+        (None, ["<eos>"]),  # no config.json: the family is unknown, eos alone
+    ],
+)
+def test_hf_stop_ids_are_the_checkpoint_familys_own(tmp_path, preset, stops):
+    from tokenizers import Tokenizer, models
+
+    from gtpo_jax.data.tokenizer import load_tokenizer
+
+    specials = ["<eos>", "<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "a", *specials])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    if preset:
+        _write_family(tmp_path, preset)
+    loaded = load_tokenizer("hf", str(tmp_path))
+    assert loaded.stop_ids == tuple(sorted(vocab[t] for t in stops))
+    assert HFTokenizer.from_dir(tmp_path).stop_ids == loaded.stop_ids
+    # told explicitly (the family of a checkpoint kept elsewhere)
+    assert HFTokenizer.from_dir(tmp_path, stop_tokens=("<end_of_turn>",)).stop_ids == (vocab["<eos>"], 5)
+
+
+def test_sentencepiece_stop_ids_include_the_familys_end_of_turn(tmp_path, questions):
+    import sentencepiece as spm
+
+    from gtpo_jax.data.tokenizer import load_tokenizer
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(questions[:100]), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+        hard_vocab_limit=False, model_type="bpe", byte_fallback=True, pad_id=3, minloglevel=2,
+        user_defined_symbols=["<end_of_turn>", "<|im_end|>"],
+    )  # fmt: skip
+    plain = load_tokenizer("sentencepiece", str(tmp_path / "sp.model"))
+    assert plain.stop_ids == (2,)  # no config.json beside it: eos alone
+    _write_family(tmp_path, "tiny_gemma3")
+    gemma = load_tokenizer("sentencepiece", str(tmp_path / "sp.model"))
+    end_of_turn = gemma.sp.piece_to_id("<end_of_turn>")
+    assert end_of_turn > 3 and gemma.stop_ids == (2, end_of_turn)
+    explicit = SentencePieceTokenizer(tmp_path / "sp.model", stop_tokens=("<|im_end|>", "<|eot_id|>"))
+    assert explicit.stop_ids == (2, explicit.sp.piece_to_id("<|im_end|>"))  # <|eot_id|> is not a piece

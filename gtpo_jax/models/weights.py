@@ -9,14 +9,17 @@ can be served by any HF-compatible engine.
 Layout differences: torch `Linear.weight` is `[out, in]`, our kernels `[in, out]` (transposed);
 `lm_head.weight` is `[V, d]`, our `lm_head` `[d, V]`; HF stores one tensor per layer, we one
 stacked `[L, ...]` array per parameter (`transformer.stacked_blocks`); the rest maps one to
-one, with the per-family names of `models/families.py`.
+one, with the per-family names of `models/families.py`. A multimodal checkpoint (config.json
+with `text_config`, e.g. Gemma3ForConditionalGeneration) loads its text model from under the
+family's `hf_wrapped` prefixes, with a warning that its vision tensors are not loaded; under
+any other prefix it is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from gtpo_jax.models.families import config_from_hf, config_to_hf, family
+from gtpo_jax.models.families import config_from_hf, config_to_hf, family, family_of_hf
 from gtpo_jax.models.safetensors_io import CheckpointReader, save_checkpoint
 from gtpo_jax.models.sharding import DEFAULT_RULES, Rules, abstract_model, merge_params, param_shardings
 from gtpo_jax.models.transformer import ModelConfig, Transformer
@@ -60,11 +63,40 @@ def hf_name(path: tuple[Any, ...], cfg: ModelConfig) -> tuple[str, bool]:
     raise KeyError(f"no Hugging Face name for parameter {'/'.join(map(str, path))}")
 
 
-def read_config(directory: str | os.PathLike, **overrides: Any) -> ModelConfig:
+def _config_json(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; a Hugging Face checkpoint directory holds config.json")
-    return config_from_hf(json.loads(path.read_text()), **overrides)
+    return json.loads(path.read_text())
+
+
+def read_config(directory: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    return config_from_hf(_config_json(directory), **overrides)
+
+
+def _text_model_names(hf: dict, reader: CheckpointReader, directory: Path) -> tuple[Callable[[str], str], str]:
+    """Our HF name -> the checkpoint's, and the prefix of the tensors that belong to the model.
+
+    A text checkpoint uses the names as they are. A multimodal wrapper (`text_config` in
+    config.json, e.g. Gemma3ForConditionalGeneration) stores its text model under one of the
+    family's `hf_wrapped` prefixes; its other tensors (vision tower, projector) are not loaded.
+    """
+    if "text_config" not in hf:
+        return (lambda name: name), ""
+    layouts = family_of_hf(hf).hf_wrapped
+    for prefix, lm_head in layouts:
+        if prefix + "embed_tokens.weight" in reader:
+
+            def rename(name: str, prefix: str = prefix, lm_head: str = lm_head) -> str:
+                return lm_head if name == "lm_head.weight" else prefix + name.removeprefix("model.")
+
+            return rename, prefix
+    raise ValueError(
+        f"{directory / 'config.json'}: a multimodal checkpoint (text_config) whose text model is under none of "
+        f"the prefixes {', '.join(p for p, _ in layouts)} (its tensors are named e.g. {reader.keys()[:3]}); "
+        "convert it to a text-only checkpoint (transformers: save the text model as a "
+        f"{family_of_hf(hf).hf_architecture} with save_pretrained) and load that directory"
+    )
 
 
 def _flat(tree: dict) -> list[tuple[tuple[Any, ...], Any]]:
@@ -95,8 +127,10 @@ def load_hf(
     mesh everything goes to the default device.
     """
     directory = Path(directory)
-    cfg = read_config(directory, **overrides)
+    hf = _config_json(directory)
+    cfg = config_from_hf(hf, **overrides)
     reader = CheckpointReader(directory)
+    rename, text_prefix = _text_model_names(hf, reader, directory)
     graphdef, abstract = abstract_model(cfg)
     if mesh is not None:
         shardings = dict(_flat(param_shardings(abstract, mesh, rules)))
@@ -104,7 +138,7 @@ def load_hf(
     params, used = [], set()
     for path, leaf in _flat(nnx.to_pure_dict(abstract)):
         name, transposed = hf_name(path, cfg)
-        names = [name.format(i=i) for i in range(cfg.num_layers)] if path[0] == "layers" else [name]
+        names = [rename(name.format(i=i)) for i in range(cfg.num_layers)] if path[0] == "layers" else [rename(name)]
         sources = []
         for n in names:
             if n not in reader:
@@ -118,7 +152,14 @@ def load_hf(
         params.append((path, _stream(sources, path[0] == "layers", tuple(leaf.shape), sharding, target)))
         used.update(names)
     unused = [k for k in reader.keys() if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-    if unused and not (cfg.tie_embeddings and unused == ["lm_head.weight"]):
+    if text_prefix:
+        other = [k for k in unused if not k.startswith(text_prefix) and k != rename("lm_head.weight")]
+        logging.warning(
+            "%s: multimodal checkpoint: its text model is loaded, its %d vision tower / projector tensors are "
+            "not loaded (e.g. %s)", directory, len(other), other[:2],
+        )  # fmt: skip
+        unused = [k for k in unused if k not in other]
+    if unused and not (cfg.tie_embeddings and unused == [rename("lm_head.weight")]):
         logging.warning("%s: %d checkpoint tensors not used, e.g. %s", directory, len(unused), unused[:3])
     return merge_params(graphdef, abstract, _unflatten(params))
 
