@@ -39,6 +39,7 @@ from gtpo_jax.data.tokenizer import load_tokenizer
 from gtpo_jax.evaluate import evaluate_policy
 from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
 from gtpo_jax.models import presets
+from gtpo_jax.models.families import family
 from gtpo_jax.models.sharding import DEFAULT_RULES, abstract_model, create_sharded, rows_sharding
 from gtpo_jax.models.weights import load_hf
 from gtpo_jax.parallel.mesh import mesh_from_config
@@ -89,12 +90,14 @@ class Trainer:
         self.mesh = mesh or mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data)
         m, t = cfg.model, cfg.tokenizer
         tok_path = t.path or m.checkpoint
-        self.tok = load_tokenizer(t.kind, tok_path)
         dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
         if m.checkpoint:
             policy = load_hf(m.checkpoint, mesh=self.mesh, **dtypes)
             model_cfg = policy.cfg
+            # The checkpoint's family decides the end-of-turn tokens, wherever the tokenizer lives.
+            self.tok = load_tokenizer(t.kind, tok_path, stop_tokens=family(model_cfg.architecture).stop_tokens)
         else:
+            self.tok = load_tokenizer(t.kind, tok_path)
             # A randomly initialised model gets exactly the tokenizer's vocabulary.
             model_cfg = presets.get_preset(m.preset, vocab_size=self.tok.vocab_size, **dtypes)
             policy = create_sharded(model_cfg, self.mesh, seed=m.init_seed)

@@ -9,8 +9,9 @@ gradient of its loss *sum* and its *denominator*; the gradient of the mini-batch
 denominator does not depend on the parameters. A gradient (or loss) that is not finite skips
 the update: parameters and optimiser state are kept, and `skipped` is incremented. A
 mini-batch with no loss tokens (only filler groups, or every response masked), or whose
-gradient is exactly zero, takes no optimiser step either: AdamW would still move the weights by its stale momentum and weight
-decay. It is reported as `empty_update` and counted by the loop.
+gradient is exactly zero, takes no optimiser step either: AdamW would still move the weights
+by its stale momentum and weight decay. It is reported as `empty_update` and counted by the
+loop.
 """
 
 from __future__ import annotations
