@@ -234,3 +234,19 @@ def test_multimodal_checkpoint_with_unknown_tensor_names_is_refused(tmp_path):
     _as_multimodal(tmp_path / "text", tmp_path / "mm", "text_model.", "text_model.lm_head.weight")
     with pytest.raises(ValueError, match=r"mm/config\.json.*text_config.*model\.language_model\..*convert"):
         load_hf(tmp_path / "mm")
+
+
+def test_stacked_layers_draw_the_same_weights_as_separate_layers():
+    # A seed's weights do not depend on the stacked (scanned) layout: the model equals the one
+    # built as an embedding and then a list of separate blocks from the same stream (the layout
+    # before layers were stacked), so runs keep their initialisation across the change.
+    from gtpo_jax.models.transformer import Block
+
+    cfg = get_preset("tiny", vocab_size=24)
+    stacked = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+    rngs = nnx.Rngs(0)
+    rngs.params()  # the embedding's draw
+    blocks = [nnx.to_pure_dict(nnx.state(Block(cfg, rngs=rngs))) for _ in range(cfg.num_layers)]
+    for i, block in enumerate(blocks):
+        for a, b in zip(jax.tree.leaves(block), jax.tree.leaves(stacked["layers"]), strict=True):
+            np.testing.assert_array_equal(a, b[i])

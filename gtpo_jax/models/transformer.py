@@ -277,14 +277,15 @@ class Block(nnx.Module):
 
 
 def stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-    """`cfg.num_layers` blocks as one `Block` whose parameters lead with a `layers` axis."""
+    """`cfg.num_layers` blocks as one `Block` whose parameters lead with a `layers` axis.
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
-
-    layers = make(rngs)
+    The blocks are drawn one after the other from the same `rngs` stream and then stacked, so a
+    seed gives the same weights as a list of separate layers would: the stacked (scanned) layout
+    is a change of representation, not of the random initialisation."""
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks))
+    layers = nnx.merge(graphdef, stacked)
     for _, node in nnx.iter_graph(layers):
         if isinstance(node, nnx.Param):
             node.set_metadata("logical_axes", ("layers", *node.get_metadata()["logical_axes"]))
