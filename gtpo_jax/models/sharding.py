@@ -135,9 +135,13 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
     return NamedSharding(mesh, PartitionSpec(_mesh_axes(rules["batch"]), *([None] * (ndim - 1))))
 
 
+def batch_width(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch axes split a leading (rows) dimension."""
+    return int(np.prod([mesh.shape[a] for a in _mesh_axes(rules["batch"])]))
+
+
 def rows_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """`batch_sharding` when the batch axes divide the leading dimension, else replicated."""
-    width = int(np.prod([mesh.shape[a] for a in _mesh_axes(rules["batch"])]))
-    if len(shape) > 0 and shape[0] % width == 0:
+    if len(shape) > 0 and shape[0] % batch_width(mesh, rules) == 0:
         return batch_sharding(mesh, len(shape), rules)
     return NamedSharding(mesh, PartitionSpec())

@@ -40,7 +40,7 @@ from gtpo_jax.evaluate import evaluate_policy
 from gtpo_jax.losses import finalize_diagnostics, merge_diagnostics
 from gtpo_jax.models import presets
 from gtpo_jax.models.families import family
-from gtpo_jax.models.sharding import DEFAULT_RULES, abstract_model, create_sharded, rows_sharding
+from gtpo_jax.models.sharding import abstract_model, batch_width, create_sharded, rows_sharding
 from gtpo_jax.models.weights import load_hf
 from gtpo_jax.parallel.mesh import mesh_from_config
 from gtpo_jax.rewards.pool import RewardPool
@@ -149,7 +149,7 @@ class Trainer:
         self.meta: dict[str, Any] = {"config": to_dict(cfg)}
         # Mini-batch rows are padded to a multiple of the mesh's batch width (and micro_batches),
         # so they stay split over the devices.
-        self.batch_width = int(np.prod([self.mesh.shape[a] for a in DEFAULT_RULES["batch"] if a in self.mesh.shape]))
+        self.batch_width = batch_width(self.mesh)
         n = cfg.train.prompts_per_step // cfg.train.mini_batches
         multiple = int(np.lcm(self.batch_width, cfg.train.micro_batches))
         self.take_mini_batch = mini_batch_fn(self.mesh, n, -(-n // multiple) * multiple)
