@@ -136,6 +136,32 @@ def test_sharded_forward_equals_single_device(data, fsdp, tensor, tmp_path):
     )
 
 
+def test_sharded_parameter_gradient_equals_single_device():
+    # The backward pass of the layer scan with stacked [L, ...] parameters split over 8 devices
+    # (fsdp, as the default config) differs from one device by float32 summation order only:
+    # ~1e-7 of each leaf's largest entry (the 2x4-process test in test_multiprocess.py relies on it).
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    cfg = get_preset("tiny")
+    sharded, single = create_sharded(cfg, mesh, seed=3), Transformer(cfg, rngs=nnx.Rngs(3))
+    tokens, valid, positions = (np.concatenate([x] * 4)[:8] for x in padded_batch())
+
+    def loss(model, t, p, v):
+        logp = jax.nn.log_softmax(model.logits(model(t, p, v)[0])[:, :-1])
+        target = jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(v[:, 1:], target, 0)) / jnp.sum(v[:, 1:])
+
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    step = nnx.jit(nnx.value_and_grad(loss))
+    v8, g8 = step(sharded, *(jax.device_put(x, batch) for x in (tokens, positions, valid)))
+    v1, g1 = step(single, *(jnp.asarray(x) for x in (tokens, positions, valid)))
+    assert g8.layers.mlp.gate.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    np.testing.assert_allclose(v8, v1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a).max() > 0
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(np.abs(b).max()))
+
+
 def test_uneven_dimensions_fall_back_to_replication():
     mesh = make_mesh(data=1, fsdp=2, tensor=4)  # 2 kv heads * 16 = 32 columns split 4 ways is fine;
     cfg = ModelConfig(vocab_size=130, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2)

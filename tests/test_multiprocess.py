@@ -5,6 +5,7 @@ Marked slow (about two minutes); CI runs them after the default suite (README's 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,13 +51,18 @@ def _params(run_dir, step):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open (issue 11 note): after this session's changes the 2x4 vs 1x8 "
-                   "comparison exceeds its float32 tolerances; not yet investigated")
 def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     trainer = Trainer(tiny_config(one, **SETTINGS))
     trainer.run()
     trainer.close()
+    # The two processes resume from the one-process run's step-0 checkpoint (after its warm-up):
+    # the RL steps then start from the same bits. Run separately, the 100 AdamW warm-up steps
+    # (lr 3e-3, eps 1e-8) amplify float32 reduction-order differences of ~1e-7 (a near-zero
+    # gradient entry moves its parameter by up to lr) to ~1e-3 in the warm-up loss, so the
+    # comparison below would measure that chaos, not the multi-process code. This also
+    # restores a 1-process checkpoint in 2 processes (the end restores 2 in 1).
+    shutil.copytree(one / "checkpoints" / "0", two / "checkpoints" / "0")
     procs = _start(two, tmp_path, **SETTINGS)
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0, 0], (tmp_path / "proc0.log").read_text()[-3000:] + (tmp_path / "proc1.log").read_text()[-3000:]
@@ -74,7 +80,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
             y["len_mean"],
             y["informative_groups"],
         )
-        assert abs(x["loss"] - y["loss"]) <= 1e-5  # float32 sums in another order (measured 3.8e-6)
+        assert abs(x["loss"] - y["loss"]) <= 1e-6  # measured 2.8e-8 and 5.3e-8
     # Parameters: nearly every entry agrees to 1e-5. AdamW's first steps move a parameter by about
     # +-lr whatever its gradient's size, so a gradient of ~0 whose sign depends on reduction order
     # can differ by up to 2 * lr per update; that bounds the rest.
@@ -83,6 +89,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
     print(f"params: max |diff| {diffs.max():.3g}, entries within 1e-5: {np.mean(diffs < 1e-5):.5f}")
     assert np.mean(diffs < 1e-5) > 0.99 and diffs.max() <= 2 * lr * 2 + 1e-4
     assert not jax.tree.all(jax.tree.map(np.array_equal, a, _params(one, 0)))  # two real updates happened
+    assert "resumed from step 0" in (tmp_path / "proc0.log").read_text()
     steps = [line for line in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 2  # process 0 alone writes metrics
 
