@@ -201,6 +201,77 @@ def test_bad_configs_name_the_field():
         get_preset("tiny_gemma3", sliding_window=0)
 
 
+_GEMMA3_4B_VISION = {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                     "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                     "patch_size": 14, "vision_use_head": False}  # fmt: skip
+SPARSE_CONFIGS = {
+    # google/gemma-3-4b-it's config.json (transformers 4.50): its text_config names six keys, the
+    # rest (vocabulary, heads, head_dim 256, rope bases 1e6 / 1e4, ...) are Gemma3TextConfig defaults.
+    "gemma3_4b_multimodal": {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "boi_token_index": 255999, "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144,
+        "initializer_range": 0.02, "mm_tokens_per_image": 256, "torch_dtype": "bfloat16",
+        "transformers_version": "4.50.0.dev0", "vision_config": _GEMMA3_4B_VISION,
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+    },
+    # A text config with a vocabulary but no rope bases, head_dim, query_pre_attn_scalar, window
+    # or maximum length: head_dim stays 256 although hidden / heads = 160.
+    "gemma3_text_sparse": {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+                           "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4,
+                           "num_key_value_heads": 1, "sliding_window_pattern": 6},
+    "gemma3_text_bare": {"model_type": "gemma3_text"},
+    "llama_bare": {"model_type": "llama"},
+    "qwen2_bare": {"model_type": "qwen2"},
+    "qwen3_bare": {"model_type": "qwen3"},
+    # Heads given, kv heads and head_dim not: Llama takes kv = heads and head_dim = hidden / heads,
+    # Qwen2 / Qwen3 their class defaults (32 kv heads; Qwen3 head_dim 128).
+    "llama_heads": {"model_type": "llama", "num_attention_heads": 64, "hidden_size": 2048},
+    "qwen2_heads": {"model_type": "qwen2", "num_attention_heads": 64, "hidden_size": 2048},
+    "qwen3_heads": {"model_type": "qwen3", "num_attention_heads": 64, "hidden_size": 2048},
+}  # fmt: skip
+
+
+def _as_transformers_reads_it(directory):
+    """The ModelConfig fields of `transformers.AutoConfig`'s reading of `directory/config.json`."""
+    from transformers import AutoConfig
+
+    outer = AutoConfig.from_pretrained(directory)
+    c = getattr(outer, "text_config", None) or outer
+    rope = c.rope_parameters
+    full = rope.get("full_attention", rope)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    fields = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+        head_dim=head_dim, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+        tie_embeddings=outer.tie_word_embeddings, rope_theta=full["rope_theta"],
+        rope_linear_factor=full.get("factor", 1.0) if full.get("rope_type") == "linear" else 1.0,
+        query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) or head_dim,
+        layer_types=tuple(getattr(c, "layer_types", None) or ("full_attention",) * c.num_hidden_layers),
+    )  # fmt: skip
+    if "sliding_attention" in rope:
+        fields |= dict(rope_local_theta=rope["sliding_attention"]["rope_theta"], sliding_window=c.sliding_window)
+    return fields
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CONFIGS))
+def test_sparse_config_json_reads_as_transformers_reads_it(name, tmp_path):
+    """A config.json that leaves keys out (as transformers 4.x writes them, and the Hub's files are)
+    takes its family's transformers config-class defaults, field for field."""
+    import json
+
+    from gtpo_jax.models.weights import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps(SPARSE_CONFIGS[name]))
+    theirs = _as_transformers_reads_it(tmp_path)
+    ours = read_config(tmp_path)
+    assert {k: getattr(ours, k) for k in theirs} == theirs
+    if name.startswith("gemma3"):
+        assert ours.head_dim == 256 and ours.rope_theta == 1e6 and ours.rope_local_theta == 1e4
+
+
 def test_tie_word_embeddings_defaults_to_the_family_default():
     """A config.json without `tie_word_embeddings` gets transformers' default for its family
     (Gemma 3: tied; Llama / Qwen: untied)."""

@@ -52,6 +52,23 @@ _GGUF_GEMMA_BLOCK = _GGUF_BLOCK | {
 _SWITCHES = dict(qkv_bias=False, qk_norm=False, norm_plus_one=False, post_norms=False, scale_embeddings=False,
                  activation="silu")  # fmt: skip
 
+# transformers' config-class defaults (LlamaConfig, Qwen2Config, Qwen3Config, Gemma3TextConfig) of
+# the config.json keys read here: a key a config.json leaves out (transformers 4.x writes only what
+# differs from them, e.g. the Hub's Gemma 3 `text_config`s) takes its own family's value. None:
+# derived as transformers derives it (num_key_value_heads = heads, head_dim = hidden / heads).
+_HF_DEFAULTS_LLAMA = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+                          max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
+_HF_DEFAULTS_QWEN2 = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32, head_dim=None, rms_norm_eps=1e-6,
+                          max_position_embeddings=32768, rope_theta=10000.0, tie_word_embeddings=False)  # fmt: skip
+_HF_DEFAULTS_QWEN3 = _HF_DEFAULTS_QWEN2 | dict(head_dim=128)
+_HF_DEFAULTS_GEMMA3 = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                           max_position_embeddings=131072, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
+                           tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+                           sliding_window_pattern=6)  # fmt: skip
+
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
     "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
@@ -70,10 +87,10 @@ class Family:
     block_norms: Mapping[str, str]  # our norm names in a block -> HF names
     activation_key: str  # config.json key of the MLP activation
     hf_activation: str  # its value
-    read_config: Callable[[dict], dict]  # family-specific ModelConfig fields from config.json
+    read_config: Callable[[dict], dict]  # family-specific ModelConfig fields from config.json (defaults filled)
     write_config: Callable[[ModelConfig], dict]  # family-specific config.json fields
     stop_tokens: tuple[str, ...]  # tokens that end an assistant turn (besides eos)
-    hf_tie_default: bool = False  # transformers' `tie_word_embeddings` default for the family
+    hf_defaults: Mapping[str, Any]  # transformers' defaults for config.json keys left out (see above)
     # Multimodal wrappers (a config.json with `text_config`): for each layout transformers writes,
     # the prefix that replaces `model.` in the text model's tensor names, and the lm_head's name.
     hf_wrapped: tuple[tuple[str, str], ...] = ()
@@ -102,14 +119,17 @@ def _reject(hf: dict, keys: tuple[str, ...], what: str) -> None:
 
 
 def _rope(hf: dict) -> tuple[dict, dict]:
-    """(full-attention, sliding-attention) rope parameters of a transformers 4.x or 5.x config."""
+    """(full-attention, sliding-attention) rope parameters of a transformers 4.x or 5.x config whose
+    left-out keys are filled with the family's defaults; a base missing from `rope_parameters` is the
+    `rope_theta` / `rope_local_base_freq` key (as transformers reads it)."""
     params = dict(hf.get("rope_parameters") or {})
     if "full_attention" in params:  # 5.x, per layer type (Gemma 3)
-        return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
-    legacy = dict(hf.get("rope_scaling") or {})
-    full = legacy | params
-    full.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    local = {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else {}
+        full, local = dict(params["full_attention"] or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = dict(hf.get("rope_scaling") or {}) | params, {}
+    full.setdefault("rope_theta", hf["rope_theta"])
+    if hf.get("rope_local_base_freq") is not None:
+        local.setdefault("rope_theta", hf["rope_local_base_freq"])
     return full, local
 
 
@@ -159,13 +179,13 @@ def _read_gemma3(hf: dict) -> dict:
     layers = int(hf["num_hidden_layers"])
     types = hf.get("layer_types")
     if types is None:  # older configs: every `sliding_window_pattern`-th layer is global
-        pattern = int(hf.get("sliding_window_pattern", 6))
+        pattern = int(hf["sliding_window_pattern"])
         types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
     _, local = _rope(hf)
     return {
         "layer_types": tuple(types),
         "sliding_window": int(hf.get("sliding_window") or 0),
-        "rope_local_theta": float(local.get("rope_theta", 10000.0)),
+        "rope_local_theta": float(local["rope_theta"]),
         "query_pre_attn_scalar": int(hf.get("query_pre_attn_scalar") or 0),
     }
 
@@ -218,6 +238,7 @@ FAMILIES: dict[str, Family] = {
             name="llama", hf_architecture="LlamaForCausalLM", hf_model_types=("llama",), switches=_SWITCHES,
             block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
             read_config=_read_llama, write_config=lambda cfg: {"attention_bias": False, "mlp_bias": False},
+            hf_defaults=_HF_DEFAULTS_LLAMA,
             stop_tokens=("<|eot_id|>", "<|im_end|>"), gguf_rotary_permuted=True,
         ),
         Family(
@@ -225,20 +246,22 @@ FAMILIES: dict[str, Family] = {
             switches=_SWITCHES | {"qkv_bias": True},
             block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
             read_config=_read_qwen, write_config=lambda cfg: {}, stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            hf_defaults=_HF_DEFAULTS_QWEN2,
         ),
         Family(
             name="qwen3", hf_architecture="Qwen3ForCausalLM", hf_model_types=("qwen3",),
             switches=_SWITCHES | {"qk_norm": True},
             block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
             read_config=_read_qwen, write_config=lambda cfg: {"attention_bias": False},
-            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            stop_tokens=("<|im_end|>", "<|endoftext|>"), hf_defaults=_HF_DEFAULTS_QWEN3,
         ),
         Family(
             name="gemma3", hf_architecture="Gemma3ForCausalLM", hf_model_types=("gemma3_text", "gemma3"),
             switches=_SWITCHES | {"qk_norm": True, "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
                       "activation": "gelu_tanh"},
             block_norms=_SANDWICH_NORMS, activation_key="hidden_activation", hf_activation="gelu_pytorch_tanh",
-            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",), hf_tie_default=True,
+            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",),
+            hf_defaults=_HF_DEFAULTS_GEMMA3,
             hf_wrapped=(("model.language_model.", "lm_head.weight"),  # transformers 5.x
                         ("language_model.model.", "language_model.lm_head.weight")),  # 4.x, the Hub's files
             gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
@@ -273,6 +296,8 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
             raise ValueError(f"config.json: a multimodal {fam.name} checkpoint (text_config) is not supported")
         top = {k: hf[k] for k in ("tie_word_embeddings",) if k in hf}
         return config_from_hf({"model_type": fam.hf_model_types[0]} | top | hf["text_config"], **overrides)
+    # Keys left out take the family's transformers defaults (explicit nulls are kept: see below).
+    hf = dict(fam.hf_defaults) | hf
     extra = fam.read_config(hf)  # first: its unsupported-variant errors are the most useful
     activation = hf.get(fam.activation_key, fam.hf_activation)
     if activation != fam.hf_activation:
@@ -284,11 +309,11 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", fam.hf_tie_default)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        num_kv_heads=hf["num_key_value_heads"] or hf["num_attention_heads"],  # None: as many as heads
+        head_dim=hf["head_dim"] or 0,  # None (Llama, Qwen2): hidden / heads
+        rms_norm_eps=float(hf["rms_norm_eps"]),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
         architecture=fam.name,
     )
     fields |= _rope_fields(full) | dict(fam.switches) | extra
