@@ -9,7 +9,7 @@ tolerance only for a plain decimal or fraction against an irrational reference. 
   `parse_expr`, which evaluates Python; decimals are first rewritten as exact fractions) and:
   - a prediction that is a closed form (anything but a plain number or fraction) equals the
     reference only when sympy rewrites their difference to exactly 0 (`expand`, `cancel`, then
-    `simplify` only up to 12 operations and 0.25 s: undecided is not equal); nothing is
+    `simplify` only up to 12 operations and 0.5 s: undecided is not equal); nothing is
     evaluated numerically, so `3 + \\exp(-1000)` is not 3, `\\frac{\\pi}{10^{9999}}` is not 0,
     `\\pi + 10^{-12}` is not `\\pi`, and in variables `x^2 + (x-a)(x-b)(x-c)` is not `x^2` wherever it is evaluated;
   - a prediction that is a plain decimal or fraction (an approximation) equals an irrational
@@ -109,7 +109,7 @@ def _nonfinite():
 
 
 MAX_SIMPLIFY_OPS = 12  # `simplify` only below this many operations (the corpus needs <= 5)
-SIMPLIFY_SECONDS = 0.25  # and, in a process's main thread (a pool worker), only this long
+SIMPLIFY_SECONDS = 0.5  # and, in a process main thread (a pool worker), only this long (a backstop)
 
 
 class _SimplifyTimeout(BaseException):  # not an Exception: sympy must not swallow it
@@ -194,7 +194,8 @@ def _percent_equal(q: Fraction, v: Fraction) -> bool:
 
 def same_value(gold: Value, pred: Value, rel_tol: float = DEFAULT_REL_TOL) -> bool:
     """One reference value against one predicted value (see the module docstring)."""
-    if canonical(gold.latex) == canonical(pred.latex) and gold.percent == pred.percent:
+    same_unit = gold.percent == pred.percent and (gold.degrees == pred.degrees or "\\pi" not in gold.latex)
+    if canonical(gold.latex) == canonical(pred.latex) and same_unit:  # (`\\frac{\\pi}{6}^\\circ` is not pi/6)
         return True
     g, p = rational(gold.latex), rational(pred.latex)
     if g is not None and p is not None:
