@@ -8,14 +8,15 @@ tolerance only for a plain decimal or fraction against an irrational reference. 
   decimals): exact equality. Otherwise both are read by math-verify's LaTeX parser (never sympy's
   `parse_expr`, which evaluates Python; decimals are first rewritten as exact fractions) and:
   - a prediction that is a closed form (anything but a plain number or fraction) equals the
-    reference only when sympy rewrites their difference to exactly 0 (`expand`, `cancel`,
-    `simplify`); nothing is evaluated numerically, so `3 + \\exp(-1000)` is not 3,
-    `\\frac{\\pi}{10^{9999}}` is not 0, `\\pi + 10^{-12}` is not `\\pi`, and in variables
-    `x^2 + (x-a)(x-b)(x-c)` is not `x^2` wherever it is evaluated;
+    reference only when sympy rewrites their difference to exactly 0 (`expand`, `cancel`, then
+    `simplify` only up to 12 operations and 0.5 s: undecided is not equal); nothing is
+    evaluated numerically, so `3 + \\exp(-1000)` is not 3, `\\frac{\\pi}{10^{9999}}` is not 0,
+    `\\pi + 10^{-12}` is not `\\pi`, and in variables `x^2 + (x-a)(x-b)(x-c)` is not `x^2` wherever it is evaluated;
   - a prediction that is a plain decimal or fraction (an approximation) equals an irrational
     constant reference when `|a - b| <= rel_tol * max(|a|, |b|)` (`1.41421356237` for
     `\\sqrt{2}`); against a rational reference (also one such as `\\log_2 8` that simplifies to
-    a rational) it must be exactly equal. So zero equals only exact zero.
+    a rational) it must be exactly equal. So zero equals only exact zero. A reference in
+    variables equals a plain number only when it simplifies to it (`\\sin^2 x + \\cos^2 x` = 1).
   - a degree sign against a reference holding `\\pi` is converted (`180^\\circ` = `\\pi`);
     otherwise degrees are a dropped unit (`90^\\circ` = `90`).
 - Percentages: `p\\%` equals a plain `v` when `v = p` and `|p| >= 1` (a dataset that dropped
@@ -107,14 +108,51 @@ def _nonfinite():
     return (oo, -oo, zoo, nan)
 
 
+MAX_SIMPLIFY_OPS = 12  # `simplify` only below this many operations (the corpus needs <= 5)
+SIMPLIFY_SECONDS = 0.5  # and, in a process main thread (a pool worker), only this long (a backstop)
+
+
+class _SimplifyTimeout(BaseException):  # not an Exception: sympy must not swallow it
+    pass
+
+
+def _bounded_simplify(expr):
+    """sympy's `simplify(expr)`, or None when `expr` is too large (`count_ops`) or it runs past
+    `SIMPLIFY_SECONDS`: `simplify` has no time limit of its own, and a 15-operation difference
+    such as `\\sin(\\sqrt2+\\sqrt3+\\sqrt5)^9 - \\cos(\\sqrt7)^9` takes it over 8 s."""
+    import signal
+    import threading
+
+    from sympy import count_ops, simplify
+
+    if count_ops(expr) > MAX_SIMPLIFY_OPS:
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return simplify(expr)
+
+    def expire(signum, frame):
+        raise _SimplifyTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, SIMPLIFY_SECONDS)
+    try:
+        return simplify(expr)
+    except _SimplifyTimeout:
+        return None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _is_zero(difference) -> bool:
     """True only when sympy rewrites `difference` to exactly 0 (no numeric evaluation: a tiny
-    non-zero term such as `\\exp(-1000)` or `10^{-60}\\sqrt{2}` is not zero)."""
-    from sympy import cancel, expand, simplify
+    non-zero term such as `\\exp(-1000)` or `10^{-60}\\sqrt{2}` is not zero). `simplify` is
+    bounded (`_bounded_simplify`); a difference it cannot decide in time is not zero."""
+    from sympy import cancel, expand
 
     if difference == 0:
         return True
-    for rewrite in (expand, cancel, simplify):
+    for rewrite in (expand, cancel, _bounded_simplify):
         if rewrite(difference) == 0:
             return True
     return False
@@ -123,7 +161,7 @@ def _is_zero(difference) -> bool:
 def _same_expression(gold: str, pred: str, rel_tol: float, approximation=None) -> bool:
     """`gold` against `pred` (a closed form), or against `approximation` (the exact value of a plain
     number or fraction the prediction is, compared within `rel_tol` to an irrational gold)."""
-    from sympy import Rational, simplify
+    from sympy import Rational
 
     g = _sympy(gold)
     p = _sympy(pred) if approximation is None else Rational(approximation.numerator, approximation.denominator)
@@ -134,9 +172,11 @@ def _same_expression(gold: str, pred: str, rel_tol: float, approximation=None) -
         return False
     p = p.xreplace({s: gold_symbols[s.name] for s in p.free_symbols})
     if approximation is not None:  # a decimal (or fraction) against a constant gold
-        if g.free_symbols:
+        if g.free_symbols:  # a gold in variables equals a number only when it simplifies to it
+            return _is_zero(g - p)  # (`\\sin^2 x + \\cos^2 x` is 1), exactly
+        exact = g if g.is_Rational else _bounded_simplify(g)
+        if exact is None:
             return False
-        exact = g if g.is_Rational else simplify(g)
         if exact.is_Rational:
             return exact == p
         x, y = complex(exact.evalf(50)), complex(p)
@@ -154,7 +194,8 @@ def _percent_equal(q: Fraction, v: Fraction) -> bool:
 
 def same_value(gold: Value, pred: Value, rel_tol: float = DEFAULT_REL_TOL) -> bool:
     """One reference value against one predicted value (see the module docstring)."""
-    if canonical(gold.latex) == canonical(pred.latex) and gold.percent == pred.percent:
+    same_unit = gold.percent == pred.percent and (gold.degrees == pred.degrees or "\\pi" not in gold.latex)
+    if canonical(gold.latex) == canonical(pred.latex) and same_unit:  # (`\\frac{\\pi}{6}^\\circ` is not pi/6)
         return True
     g, p = rational(gold.latex), rational(pred.latex)
     if g is not None and p is not None:
@@ -195,7 +236,7 @@ def _matched(gold: tuple, pred: tuple, same) -> bool:
 
 def _general_equation(gold: Answer, pred: Answer, rel_tol: float) -> bool:
     """`lhs - rhs` of both in a constant non-zero ratio, decided symbolically."""
-    from sympy import cancel, simplify
+    from sympy import cancel
 
     sides = [_sympy(v.latex) for v in gold.items + pred.items]
     if any(s is None for s in sides):
@@ -206,9 +247,9 @@ def _general_equation(gold: Answer, pred: Answer, rel_tol: float) -> bool:
         return False
     p = p.xreplace({s: names[s.name] for s in p.free_symbols})
     try:
-        for rewrite in (cancel, simplify):
+        for rewrite in (cancel, _bounded_simplify):
             ratio = rewrite(p / g)
-            if not ratio.free_symbols:
+            if ratio is not None and not ratio.free_symbols:
                 return ratio != 0 and ratio.is_finite is True
     except (RecursionError, ArithmeticError, ValueError, TypeError, AttributeError):
         pass

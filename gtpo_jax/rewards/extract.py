@@ -77,17 +77,79 @@ def _boxes(text: str, max_answer_chars: int) -> list[tuple[int, int, str]]:
 
 
 _UNBOXED = re.compile(r"^\\(?:boxed|fbox)\s*\{(.*)\}$", re.S)
-# Just before the final box: a sign, an operator, or the opening of a command's argument.
+# Just before the final box, in its math segment: a sign, an operator, a digit, or the opening of
+# a command's argument.
 _BEFORE = re.compile(
-    r"(?:[-+*/^_|<>−]|\\(?:cdot|times|div|pm|mp|neg|lnot|not|sim|approx|ne|neq|le|leq|ge|geq|"
+    r"(?:[-+*/^_|<>−0-9.]|\\(?:cdot|times|div|pm|mp|neg|lnot|not|sim|approx|ne|neq|le|leq|ge|geq|"
     r"frac|dfrac|tfrac|cfrac|sqrt|binom|log|ln|exp|sin|cos|tan|overline|sqrt\[[^\]]*\]))$"
 )
 # Just after it: an exponent, subscript, prime, factorial, operator or more digits.
 _AFTER = re.compile(r"^(?:[\^_'!+\-*/−0-9]|[.,]\s*[0-9]|\\(?:cdot|times|div|pm|mp|frac|sqrt|not|ne|neq))")
+# A degree mark just after the box (`\boxed{30}^\circ`): the answer is in degrees.
+_DEGREES_AFTER = re.compile(r"^(?:\^\s*(?:\\circ|\{\s*\\circ\s*\})|°|\\degree(?![A-Za-z]))")
+_MATH_OPENER = re.compile(r"(?:\$\$?|\\\(|\\\[)$")
+_EMPHASIS_PAIR = re.compile(r"(?<![^\s(:])(\*{1,3})(?=[^\s*])([^*\n]*?[^\s*])\1(?!\*)")  # **bold**
+_EMPHASIS_OPEN = re.compile(r"(?:^|(?<=\s))(\*{1,3})(?=[^\s*]|$)")  # `**` opening emphasis
+_BULLET = re.compile(r"^\s*[*+]\s+")  # `* ` / `+ ` list bullets (not `- `: it reads as a minus)
 HEDGES = frozenset(
     "or nor maybe perhaps possibly probably either alternatively otherwise unless not wrong incorrect "
     "approximately approx roughly instead".split()
 )  # fmt: skip
+TRAILING_CHARS = 200  # after the final box, hedges are looked for this far, at most 2 more lines
+
+
+def _in_math(prefix: str) -> bool:
+    """Whether a math segment opened in `prefix` (one line) is still open at its end."""
+    dollars = len(re.findall(r"(?<!\\)\$", prefix))
+    return dollars % 2 == 1 or prefix.rfind("\\(") > prefix.rfind("\\)") or prefix.rfind("\\[") > prefix.rfind("\\]")
+
+
+def _strip_after(after: str) -> str:
+    while (stripped := re.sub(r"^(?:\s|\$|\\right|\\[)\]]|[)\]}])+", "", after)) != after:
+        after = stripped
+    return after
+
+
+def _final_box(text: str, max_answer_chars: int) -> tuple[str | None, str, bool]:
+    """(why the final box is not the one answer shown or None, all text after it, degrees).
+
+    Markdown outside math around the box is dropped (`**Answer:** $\\boxed{5}$`, `**\\boxed{5}**`,
+    `* \\boxed{5}`, `| x | \\boxed{5} |`); a sign or operator in the box's own math segment, or
+    just before the `$` that opens it, is not (`$-\\boxed{5}$`, `-$\\boxed{5}$`).
+    """
+    boxes = _boxes(text, max_answer_chars)
+    start, end, _ = boxes[-1]
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line = text[line_start : len(text) if line_end < 0 else line_end]
+    before = _BULLET.sub("", text[line_start:start])
+    # Emphasis opened before the box on its line and closed just after it: `**Answer: \boxed{5}**`.
+    opened = [m for m in _EMPHASIS_OPEN.finditer(_EMPHASIS_PAIR.sub(r"\2", before))]
+    rest = text[end:]
+    after = _strip_after(rest if line_end < 0 else text[end:line_end])  # the rest of the box's line
+    degrees = bool(m := _DEGREES_AFTER.match(after))
+    if m:
+        after = _strip_after(after[m.end() :])
+    closed = bool(opened) and re.match(re.escape(opened[-1].group(1)) + r"(?!\*)", after) is not None
+    if closed:
+        after = _strip_after(after[len(opened[-1].group(1)) :])
+    while (stripped := re.sub(r"(?:\s|\\left|\\[(\[]|[(\[{])+$", "", before)) != before:
+        before = stripped
+    if (opener := _MATH_OPENER.search(before)) is None and _in_math(before):
+        prefix = before  # the box is inside a math segment: no markdown there
+    else:  # the box opens its math segment, or is in text: markdown may precede it
+        prefix = _EMPHASIS_PAIR.sub(r"\2", before if opener is None else before[: opener.start()])
+        if closed and (m := re.search(r"(?:^|(?<=\s))\*{1,3}$", prefix)) and m.group() == opened[-1].group(1):
+            prefix = prefix[: m.start()]  # `**\boxed{5}**`, `**$\boxed{5}$**`
+        prefix = prefix.rstrip()
+        table = line.strip().startswith("|") and line.strip().endswith("|") and line.count("|") >= 3
+        if table and prefix.endswith("|"):  # a table cell's left border
+            prefix = prefix[:-1].rstrip()
+    if _BEFORE.search(prefix.rstrip()):
+        return "a sign, operator or digit before the final box", rest, degrees
+    if _AFTER.search(after):
+        return "an exponent, operator or digit after the final box", rest, degrees
+    return None, rest, degrees
 
 
 def boxed_hedge(
@@ -96,9 +158,12 @@ def boxed_hedge(
     """Why the boxed final answer is not the one answer it shows, or None when it is.
 
     Rejected (strict mode): boxes with different contents (`\\boxed{6} or maybe \\boxed{5}`), and a
-    final box that a sign or operator precedes (`-\\boxed{5}`, `\\frac{\\boxed{1}}{2}`), or that an
-    exponent, operator, digit or hedge word (`or`, `maybe`, `not`...) follows on its line
-    (`\\boxed{5}^{-1}`, `\\boxed{5}\\text{ or }6`).
+    final box that a sign, operator or digit precedes (`-\\boxed{5}`, `\\frac{\\boxed{1}}{2}`), that
+    an exponent, operator or digit follows (`\\boxed{5}^{-1}`; a degree mark `\\boxed{30}^\\circ`
+    is not one), or that a hedge word (`or`, `maybe`, `not`...) follows within 200 characters and
+    the next 2 lines (`\\boxed{5}\\text{ or }6`, `\\boxed{5}` then `or 6` on the next line), or a
+    further line holding only a number or formula (another candidate). Markdown around the box
+    (`**Answer:** $\\boxed{5}$`, `**\\boxed{5}**`, `* \\boxed{5}`, a table cell) is allowed.
     """
     text = _tail(text, tail_chars)
     boxes = _boxes(text, max_answer_chars)
@@ -112,22 +177,27 @@ def boxed_hedge(
 
     if len({contents(inner) for _, _, inner in boxes}) > 1:
         return "several boxed answers that differ"
-    start, end, _ = boxes[-1]
-    before = text[text.rfind("\n", 0, start) + 1 : start]
-    while (stripped := re.sub(r"(?:\s|\$|\\left|\\[(\[]|[(\[{])+$", "", before)) != before:
-        before = stripped
-    if _BEFORE.search(before):
-        return "a sign or operator before the final box"
-    line_end = text.find("\n", end)
-    after = text[end : len(text) if line_end < 0 else line_end]
-    while (stripped := re.sub(r"^(?:\s|\$|\\right|\\[)\]]|[)\]}])+", "", after)) != after:
-        after = stripped
-    if _AFTER.search(after):
-        return "an exponent, operator or digit after the final box"
-    words = {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\\[A-Za-z]+", " ", after))}
+    why, after, _ = _final_box(text, max_answer_chars)
+    if why:
+        return why
+    first, *later = after[:TRAILING_CHARS].split("\n")
+    window = "\n".join([first] + [x for x in later if x.strip()][:2])  # the box's line, 2 more lines
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", re.sub(r"\\[A-Za-z]+", " ", window))}
     if words & HEDGES:
         return f"a hedge after the final box ({', '.join(sorted(words & HEDGES))})"
+    for later in window.split("\n")[1:]:
+        bare = re.sub(r"\s|\$|\\[()\[\]]|\*|\\quad|\\qquad", "", later)
+        if re.search(r"[0-9]", bare) and not re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", bare)):
+            return "another candidate on a line after the final box"
     return None
+
+
+def boxed_in_degrees(
+    text: str, *, tail_chars: int = DEFAULT_TAIL_CHARS, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+) -> bool:
+    """Whether a degree mark follows the final box (`\\boxed{30}^\\circ`, `\\boxed{30}°`)."""
+    text = _tail(text, tail_chars)
+    return bool(_boxes(text, max_answer_chars)) and _final_box(text, max_answer_chars)[2]
 
 
 _ANSWER_LINE = re.compile(r"(?i)answer\s*:\s*([^\n]{0,512})")

@@ -6,7 +6,8 @@
   words, several candidates, hiding or colour commands and relations that do not hold, then
   compares with `rewards/equivalence.py` (exact rationals, relative tolerance `rel_tol`); the
   box itself must be the one answer shown (`extract.boxed_hedge`: no differing boxes, no sign
-  before it, no exponent, operator or `or` after it).
+  before it, no exponent, operator or `or` after it, nor a hedge in the next 2 lines; markdown
+  around it is allowed, and a degree mark after it, `\\boxed{30}^\\circ`, reads as `30^\\circ`).
   `strict=False` is the former lenient check: math-verify (HF's verifier) equivalence. Either
   way only math-verify's LaTeX parser is used: its plain-expression path hands text to sympy's
   `parse_expr`, which evaluates Python, and is never used. 1 or 0.
@@ -25,11 +26,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from gtpo_jax.rewards.answer import Rejected, normalize, parse_answer
+from gtpo_jax.rewards.answer import _DEGREES, Rejected, normalize, parse_answer
 from gtpo_jax.rewards.equivalence import DEFAULT_REL_TOL, canonical, equivalent_answers
 from gtpo_jax.rewards.extract import (
     answer_line,
     boxed_hedge,
+    boxed_in_degrees,
     is_plain,
     last_boxed,
     normalize_final_answer,
@@ -133,6 +135,8 @@ def math_reward(
         return float(equivalent(gold_answer(record), pred, timeout_s=timeout_s)), {"extracted": pred[:100]}
     if last_boxed(completion) is not None and (hedge := boxed_hedge(completion)):
         return 0.0, {"extracted": pred[:100], "rejected": hedge}
+    if last_boxed(completion) is not None and boxed_in_degrees(completion) and not _DEGREES.search(pred):
+        pred = f"{{{pred}}}^\\circ"  # boxed{30}^circ: degrees, as in the box
     correct, why = strict_equivalent(gold_answer(record), pred, rel_tol=rel_tol)
     return float(correct), {"extracted": pred[:100]} | ({"rejected": why} if why else {})
 
