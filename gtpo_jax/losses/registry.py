@@ -17,13 +17,13 @@ A step then uses a config through `batch.py` (`prepare_batch`, `compute_loss`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from jaxtyping import Array, Bool, Float
 
+from gtpo_jax.errors import ConfigError, did_you_mean
 from gtpo_jax.losses import advantages as adv_lib
 from gtpo_jax.losses.advantages import GRPOSNorm, GTPONorm, NormScope
 from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, RatioLevel
@@ -37,10 +37,6 @@ class Algorithm(enum.StrEnum):
     DAPO = "dapo"
     GTPO = "gtpo"
     GRPO_S = "grpo_s"
-
-
-class ConfigError(ValueError):
-    """A hyperparameter is invalid; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +174,7 @@ _ENUM_FIELDS: dict[str, type[enum.StrEnum]] = {
 
 
 def _unknown(subject: str, value: Any, known: Any) -> str:
-    """`unknown <subject>; did you mean 'z'?` with the known names listed."""
-    close = difflib.get_close_matches(str(value), list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {subject}{hint} (known: {', '.join(sorted(known))})"
+    return f"unknown {subject}{did_you_mean(value, known)}"
 
 
 class AdvantageInputs(NamedTuple):

@@ -8,9 +8,9 @@ real file, so a preset is for building randomly initialised models of a known sh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
+from gtpo_jax.errors import UnknownName, did_you_mean
 from gtpo_jax.models.families import FAMILIES
 from gtpo_jax.models.transformer import FULL, SLIDING, ModelConfig, RopeScaling
 
@@ -113,7 +113,5 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """A named config, optionally with fields replaced (`param_dtype="bfloat16"`, `remat=True`)."""
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown model preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+        raise UnknownName(f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)

@@ -9,12 +9,12 @@ the run with a message naming the config field instead of scoring every response
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gtpo_jax.data import tasks
+from gtpo_jax.errors import ConfigError, UnknownName, did_you_mean
 from gtpo_jax.rewards import math as math_rewards
 
 RewardFn = Callable[..., tuple[float, dict]]
@@ -54,7 +54,7 @@ register(RewardSpec("format", math_rewards.format_reward, needs=()))
 register(RewardSpec("countdown", tasks.countdown_reward, needs=("numbers", "target")))
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(ConfigError):
     """The reward cannot work with the options or records it was given; the message names the field."""
 
 
@@ -82,9 +82,7 @@ def check_reward(
 
 def get_reward(name: str) -> RewardSpec:
     if name not in REWARDS:
-        close = difflib.get_close_matches(name, REWARDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown reward {name!r}{hint} (known: {', '.join(sorted(REWARDS))})")
+        raise UnknownName(f"unknown reward {name!r}{did_you_mean(name, REWARDS)}")
     return REWARDS[name]
 
 
