@@ -31,10 +31,12 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
+from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.models.presets import get_preset
+from gtpo_jax.models.sharding import split_model
 from gtpo_jax.models.transformer import Transformer
 from gtpo_jax.models.weights import export_hf
-from gtpo_jax.rollout.sampler import SamplingConfig, pad_prompts, sample
+from gtpo_jax.rollout.sampler import SamplingConfig, sample, sampling_config
 
 BASELINE = "no_cache_recompute"
 
@@ -44,7 +46,7 @@ def sample_without_cache(model: Transformer, prompts, prompt_valid, key, cfg: Sa
     """Same draws as `sample` would make at temperature 1, but every step runs the full
     `[B, Lp + T]` forward (right-padded buffer; causal attention never sees the padding)."""
     P, Lp = prompts.shape
-    B, T = P * cfg.group_size, cfg.max_new_tokens
+    B, T = P * cfg.group_size, cfg.rollout.max_new_tokens
     tokens = jnp.repeat(jnp.pad(prompts, ((0, 0), (0, T))), cfg.group_size, axis=0)
     valid = jnp.repeat(jnp.pad(prompt_valid, ((0, 0), (0, T))), cfg.group_size, axis=0)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
@@ -54,7 +56,7 @@ def sample_without_cache(model: Transformer, prompts, prompt_valid, key, cfg: Sa
         hidden, _ = model(tokens, positions, valid)
         logits = model.logits(jax.lax.dynamic_slice_in_dim(hidden, Lp + t - 1, 1, axis=1))[:, 0]
         keys = jax.random.split(jax.random.fold_in(key, t), B)
-        new = jax.vmap(jax.random.categorical)(keys, logits / cfg.temperature).astype(tokens.dtype)
+        new = jax.vmap(jax.random.categorical)(keys, logits / cfg.rollout.temperature).astype(tokens.dtype)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], Lp + t, axis=1)
         valid = jax.lax.dynamic_update_slice_in_dim(valid, jnp.ones((B, 1), bool), Lp + t, axis=1)
         positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
@@ -124,14 +126,15 @@ def main() -> None:
     parser.add_argument("--tunix_python", default="", help="python of an environment with google-tunix")
     args = parser.parse_args()
 
-    cfg = SamplingConfig(group_size=args.G, max_new_tokens=args.T, temperature=1.0, prompt_buckets=(args.prompt_len,))
+    cfg = sampling_config(group_size=args.G, max_new_tokens=args.T, temperature=1.0, prompt_buckets=(args.prompt_len,))
     for name in args.presets.split(","):
         model = Transformer(get_preset(name), rngs=nnx.Rngs(0))
         vocab = model.cfg.vocab_size
         prompts = [[(7 * p + 3 * i) % vocab for i in range(args.prompt_len)] for p in range(args.P)]
-        tokens, valid = (jnp.asarray(x) for x in pad_prompts(prompts, cfg.prompt_buckets, 0))
+        tokens, valid = (jnp.asarray(x) for x in pad_prompts(prompts, cfg.rollout.prompt_buckets, 0))
         key = jax.random.key(0)
-        ours = timed(lambda: sample(model, tokens, valid, key, cfg).tokens, args.repeats)  # noqa: B023
+        model_def, params = split_model(model)
+        ours = timed(lambda: sample(model_def, params, tokens, valid, key, cfg).tokens, args.repeats)  # noqa: B023
         base = timed(lambda: sample_without_cache(model, tokens, valid, key, cfg), args.repeats)  # noqa: B023
         decoded = args.P * args.G * args.T
         record = {

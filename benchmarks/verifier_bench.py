@@ -65,8 +65,8 @@ def run(name: str, cases: list[dict]) -> dict:
         pool.score([{"answer": "1"}], ["\\boxed{1}"])  # imports (sympy, math-verify) outside the timings
         results = pool.score([{"answer": c["gold"]} for c in cases], [c["completion"] for c in cases])
     seconds = np.array([info.get("seconds", TIMEOUT_S) for _, info in results])
-    fp = [i for i, (c, (s, _)) in enumerate(zip(cases, results)) if s > 0 and not c["expected"]]
-    fn = [i for i, (c, (s, _)) in enumerate(zip(cases, results)) if s <= 0 and c["expected"]]
+    fp = [i for i, (c, (s, _)) in enumerate(zip(cases, results, strict=True)) if s > 0 and not c["expected"]]
+    fn = [i for i, (c, (s, _)) in enumerate(zip(cases, results, strict=True)) if s <= 0 and c["expected"]]
     def show(i: int) -> str:
         return f"{cases[i]['kind']}: {cases[i]['completion'][-60:]!r} (gold {cases[i]['gold']!r})"
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 PANELS = {
-    "reward": ("reward", "pass_rate", "eval/avg@4", "eval/pass@4"),
+    "reward": ("reward_mean", "pass_rate", "eval/avg@4", "eval/pass@4"),
     "entropy": ("entropy_mean", "entropy_pos", "entropy_neg"),
     "length": ("len_mean", "len_max", "truncation_rate"),
 }

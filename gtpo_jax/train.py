@@ -30,9 +30,8 @@ def main(argv: list[str]) -> None:
 
     from gtpo_jax.config import from_config_dict
     from gtpo_jax.data.sources import DataError
-    from gtpo_jax.losses import ConfigError
+    from gtpo_jax.errors import ConfigError
     from gtpo_jax.parallel.mesh import initialize
-    from gtpo_jax.rewards.registry import RewardConfigError
     from gtpo_jax.training.loop import Trainer
 
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
@@ -40,7 +39,7 @@ def main(argv: list[str]) -> None:
     try:  # bad input: one line naming the field, file or record, no traceback
         cfg = from_config_dict(_CONFIG.value)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError, RewardConfigError) as e:
+    except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
     try:
         result = trainer.run()

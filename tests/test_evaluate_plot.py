@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from gtpo_jax.evaluate import pass_at_k
 from gtpo_jax.plot import main as plot_main
 from gtpo_jax.plot import plot, read_metrics
+from gtpo_jax.training.evaluation import pass_at_k
 
 
 def test_pass_at_k_unbiased_estimator_by_hand():
@@ -20,7 +20,7 @@ def test_pass_at_k_unbiased_estimator_by_hand():
 
 
 def test_plot_writes_reward_entropy_and_length_pngs(tmp_path):
-    records = [{"step": s, "reward": s / 10, "pass_rate": s / 10, "entropy_mean": 1.0 - s / 20, "entropy_pos": 1.0,
+    records = [{"step": s, "reward_mean": s / 10, "pass_rate": s / 10, "entropy_mean": 1.0 - s / 20, "entropy_pos": 1.0,
                 "entropy_neg": None, "len_mean": 3.0 + s, "len_max": 5.0 + s} for s in range(1, 6)]  # fmt: skip
     records.append({"step": 5, "eval/avg@4": 0.4})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")

@@ -75,8 +75,8 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
     metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
                for r in (one, two)]  # fmt: skip
     for x, y in zip(*metrics, strict=True):
-        assert (x["reward"], x["len_mean"], x["informative_groups"]) == (
-            y["reward"],
+        assert (x["reward_mean"], x["len_mean"], x["informative_groups"]) == (
+            y["reward_mean"],
             y["len_mean"],
             y["informative_groups"],
         )

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from gtpo_jax.config import ConfigError, from_dict
+from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.models.presets import get_preset
-from gtpo_jax.models.sharding import create_sharded, make_mesh
+from gtpo_jax.models.sharding import create_sharded, make_mesh, split_model
 from gtpo_jax.models.transformer import Transformer
-from gtpo_jax.rollout.sampler import FINISH_LENGTH, FINISH_STOP, Sampler, SamplingConfig, pad_prompts, sample
+from gtpo_jax.rollout.sampler import FINISH_LENGTH, FINISH_STOP, sample, sampling_config
 from gtpo_jax.scoring import score
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
@@ -23,8 +25,8 @@ def model():
 
 
 def run(model, cfg, prompts=PROMPTS, key=0):
-    tokens, valid = pad_prompts(prompts, cfg.prompt_buckets, cfg.pad_id)
-    return sample(model, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(key), cfg), tokens, valid
+    tokens, valid = pad_prompts(prompts, cfg.rollout.prompt_buckets, cfg.pad_id)
+    return sample(*split_model(model), jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(key), cfg), tokens, valid
 
 
 @nnx.jit
@@ -47,7 +49,7 @@ def greedy_reference(model, prompt, n, width=32):
 
 @pytest.mark.parametrize("greedy", [dict(temperature=0.0), dict(temperature=1.0, top_k=1)])
 def test_greedy_equals_argmax_of_teacher_forced_passes(model, greedy):
-    cfg = SamplingConfig(group_size=2, max_new_tokens=7, prompt_buckets=(8, 16), **greedy)
+    cfg = sampling_config(group_size=2, max_new_tokens=7, prompt_buckets=(8, 16), **greedy)
     out, _, _ = run(model, cfg)
     for p, prompt in enumerate(PROMPTS):
         expected = greedy_reference(model, prompt, 7)
@@ -61,7 +63,7 @@ def test_greedy_equals_teacher_forcing_for_qk_norm_and_sliding_window_families(p
     """Qwen3's QK-norm and Gemma 3's local layers (window 4, shorter than prompt + response)
     give the same tokens through the cache as through full forward passes."""
     model = Transformer(get_preset(preset), rngs=nnx.Rngs(2))
-    cfg = SamplingConfig(group_size=1, max_new_tokens=9, temperature=0.0, prompt_buckets=(8,))
+    cfg = sampling_config(group_size=1, max_new_tokens=9, temperature=0.0, prompt_buckets=(8,))
     out, _, _ = run(model, cfg)
     for p, prompt in enumerate(PROMPTS):
         assert list(np.asarray(out.tokens[p, 0])) == greedy_reference(model, prompt, 9)
@@ -69,7 +71,7 @@ def test_greedy_equals_teacher_forcing_for_qk_norm_and_sliding_window_families(p
 
 @pytest.mark.parametrize("filters", [dict(), dict(top_k=20), dict(top_p=0.8), dict(top_k=30, top_p=0.9)])
 def test_sampler_logp_equals_scoring_logp(model, filters):
-    cfg = SamplingConfig(
+    cfg = sampling_config(
         group_size=4, max_new_tokens=9, temperature=0.7, stop_token_ids=(3,), prompt_buckets=(8,), **filters
     )
     out, tokens, valid = run(model, cfg, key=5)
@@ -79,8 +81,8 @@ def test_sampler_logp_equals_scoring_logp(model, filters):
 
 
 def test_left_padding_changes_nothing(model):
-    short = SamplingConfig(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(8,))
-    long = SamplingConfig(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(32,))
+    short = sampling_config(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(8,))
+    long = sampling_config(group_size=2, max_new_tokens=6, temperature=0.0, prompt_buckets=(32,))
     a, _, _ = run(model, short)
     b, _, _ = run(model, long)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -88,8 +90,8 @@ def test_left_padding_changes_nothing(model):
     np.testing.assert_array_equal(alone.tokens[0], a.tokens[1])
     # Sampling too: the same rows and key give the same draws in either bucket.
     sampled = dict(group_size=3, max_new_tokens=6, temperature=1.0, top_p=0.95)
-    c, _, _ = run(model, SamplingConfig(prompt_buckets=(8,), **sampled), key=3)
-    d, _, _ = run(model, SamplingConfig(prompt_buckets=(32,), **sampled), key=3)
+    c, _, _ = run(model, sampling_config(prompt_buckets=(8,), **sampled), key=3)
+    d, _, _ = run(model, sampling_config(prompt_buckets=(32,), **sampled), key=3)
     np.testing.assert_array_equal(c.tokens, d.tokens)
     np.testing.assert_allclose(c.logp, d.logp, atol=1e-5)
 
@@ -98,11 +100,11 @@ def test_stop_tokens_end_responses_and_their_masks(model):
     # Draws depend only on (key, step, row), so with stop tokens every row repeats the stop-free
     # draws up to and including its first stop token, then pads.
     sampled = dict(group_size=2, max_new_tokens=8, temperature=1.0, prompt_buckets=(8,))
-    reference = np.asarray(run(model, SamplingConfig(**sampled), key=7)[0].tokens).reshape(-1, 8)
+    reference = np.asarray(run(model, sampling_config(**sampled), key=7)[0].tokens).reshape(-1, 8)
     # A stop token that some row first emits at step j >= 1.
     r, j = next((r, j) for r in range(len(reference)) for j in range(1, 8) if reference[r, j] not in reference[r, :j])
     stops = (int(reference[r, j]), 127)
-    cfg = SamplingConfig(stop_token_ids=stops, **sampled)
+    cfg = sampling_config(stop_token_ids=stops, **sampled)
     out, _, _ = run(model, cfg, key=7)
     tokens, mask = np.asarray(out.tokens).reshape(-1, 8), np.asarray(out.mask).reshape(-1, 8)
     lengths, finish = np.asarray(out.lengths).reshape(-1), np.asarray(out.finish_reason).reshape(-1)
@@ -140,7 +142,7 @@ def _expected_distribution(logits, temperature, top_k, top_p):
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (10, 1.0), (0, 0.8), (12, 0.9)])
 def test_first_token_distribution_passes_chi_square(model, top_k, top_p):
     n, temperature = 10_000, 0.8
-    cfg = SamplingConfig(
+    cfg = sampling_config(
         group_size=n, max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, prompt_buckets=(4,)
     )
     out, tokens, valid = run(model, cfg, prompts=[[7, 8, 9]], key=11)
@@ -159,7 +161,7 @@ def test_first_token_distribution_passes_chi_square(model, top_k, top_p):
 
 
 def test_deterministic_for_a_key_and_different_across_keys(model):
-    cfg = SamplingConfig(group_size=4, max_new_tokens=6, temperature=1.0, prompt_buckets=(8,))
+    cfg = sampling_config(group_size=4, max_new_tokens=6, temperature=1.0, prompt_buckets=(8,))
     a, b, c = run(model, cfg, key=1)[0], run(model, cfg, key=1)[0], run(model, cfg, key=2)[0]
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert np.any(np.asarray(a.tokens) != np.asarray(c.tokens))
@@ -170,28 +172,34 @@ def test_sharded_sampling_equals_single_device():
     cfg_model = get_preset("tiny_qwen2")
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded, single = create_sharded(cfg_model, mesh, seed=4), Transformer(cfg_model, rngs=nnx.Rngs(4))
-    cfg = SamplingConfig(group_size=2, max_new_tokens=5, temperature=1.0, top_k=40, prompt_buckets=(8,))
+    cfg = sampling_config(group_size=2, max_new_tokens=5, temperature=1.0, top_k=40, prompt_buckets=(8,))
     prompts = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]]
-    tokens, valid = pad_prompts(prompts, cfg.prompt_buckets, 0)
+    tokens, valid = pad_prompts(prompts, cfg.rollout.prompt_buckets, 0)
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    a = sample(sharded, jax.device_put(tokens, batch), jax.device_put(valid, batch), jax.random.key(9), cfg)
-    b = sample(single, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(9), cfg)
+    placed = jax.device_put(tokens, batch), jax.device_put(valid, batch)
+    a = sample(*split_model(sharded), *placed, jax.random.key(9), cfg)
+    b = sample(*split_model(single), jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(9), cfg)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logp, b.logp, atol=1e-5)
 
 
 def test_prompt_buckets_bound_compilations(model):
-    sampler = Sampler(SamplingConfig(group_size=2, max_new_tokens=3, prompt_buckets=(4, 8)))
+    cfg = sampling_config(group_size=2, max_new_tokens=3, prompt_buckets=(4, 8))
+    model_def, params = split_model(model)
+    before = sample._cache_size()
     for prompts in ([[1, 2]], [[1, 2, 3]], [[5]], [[1, 2, 3, 4, 5]], [[1] * 8]):
-        rollout, tokens, _ = sampler(model, prompts, jax.random.key(0))
+        tokens, valid = pad_prompts(prompts, cfg.rollout.prompt_buckets, cfg.pad_id)
+        rollout = sample(model_def, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(0), cfg)
         assert tokens.shape[1] in (4, 8) and rollout.tokens.shape == (1, 2, 3)
-    assert sampler.compiled_shapes == {(1, 4), (1, 8)}
+    assert sample._cache_size() - before == 2  # one compilation per bucket
     with pytest.raises(ValueError, match="longer than the largest prompt bucket 8"):
-        sampler(model, [[1] * 9], jax.random.key(0))
+        pad_prompts([[1] * 9], cfg.rollout.prompt_buckets, cfg.pad_id)
 
 
 def test_bad_sampling_config():
-    with pytest.raises(ValueError, match=r"sampling\.top_p=0\.0"):
-        SamplingConfig(top_p=0.0)
-    with pytest.raises(ValueError, match=r"sampling\.temperature=-1"):
-        SamplingConfig(temperature=-1)
+    with pytest.raises(ConfigError, match=r"^rollout\.top_p=0\.0"):
+        from_dict({"rollout": {"top_p": 0.0}})
+    with pytest.raises(ConfigError, match=r"^rollout\.temperature=-1"):
+        from_dict({"rollout": {"temperature": -1}})
+    with pytest.raises(ValueError, match="group_size=0"):
+        sampling_config(group_size=0)

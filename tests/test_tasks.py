@@ -2,7 +2,8 @@
 
 import pytest
 
-from gtpo_jax.data.tasks import check_countdown, countdown_reward, generate
+from gtpo_jax.data.tasks import generate
+from gtpo_jax.rewards.countdown import check_countdown, countdown_reward
 from gtpo_jax.rewards.registry import get_reward
 
 
@@ -21,7 +22,7 @@ def test_deterministic_distinct_and_disjoint_splits(task):
 
 def test_arithmetic_answers_are_right_and_difficulty_adds_operations():
     # The expression is fully parenthesised left to right: checkable with the countdown parser.
-    from gtpo_jax.data.tasks import _Parser
+    from gtpo_jax.rewards.countdown import _Parser
 
     for difficulty in (1, 4):
         for r in generate("arithmetic", 30, seed=0, difficulty=difficulty):

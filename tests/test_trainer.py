@@ -14,7 +14,9 @@ from train_helpers import cli, popen, tiny_config
 from gtpo_jax.config import section_fields, track_reads
 from gtpo_jax.models.sharding import make_mesh
 from gtpo_jax.plot import plot
-from gtpo_jax.training.checkpoint import Checkpointer
+from gtpo_jax.training.build import build, reward_pool
+from gtpo_jax.training.checkpoint import Checkpointer, abstract_params
+from gtpo_jax.training.evaluation import evaluate
 from gtpo_jax.training.loop import Trainer, load_data
 from gtpo_jax.training.state import make_optimizer
 
@@ -59,7 +61,7 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["skipped_updates"] == 0
-        assert 0 <= r["reward"] <= 1 and r["len_mean"] >= 1 and "clip_frac_high" in r and "entropy_mean" in r
+        assert 0 <= r["reward_mean"] <= 1 and r["len_mean"] >= 1 and "clip_frac_high" in r and "entropy_mean" in r
         assert ("kl" in r) == (algorithm == "grpo")  # only GRPO's recipe has a KL term (and a reference)
         # Everything sampled (before dynamic sampling) is reported beside the kept groups' rates,
         # and so are reward failures, empty updates, wrong-sign fractions and the shaping's size.
@@ -116,7 +118,7 @@ def test_non_finite_gradient_is_skipped_and_counted(tmp_path):
     cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 16})
     trainer = Trainer(cfg)
     try:
-        same_id = [trainer.encode({"id": "1", "prompt": p}) for p in ("1+2", "3+4")]
+        same_id = [trainer.built.encode({"id": "1", "prompt": p}) for p in ("1+2", "3+4")]
         assert same_id[0] != same_id[1]  # the prompt cache is not keyed by (possibly shared) ids
         trainer.warmup()  # some correct answers, so a normal update has a gradient
         _, groups, loss_batch, _ = trainer.rollout()
@@ -142,14 +144,27 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
     saved = jax.tree.map(np.asarray, trainer.state.params)
     assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(trainer.state.params))
     for n in (4, 1):
-        other = Trainer(cfg, mesh=make_mesh(fsdp=n, devices=jax.devices()[:n]), for_eval=True)
-        assert other.restore() == 1
-        leaves = jax.tree.leaves(other.state.params)
+        mesh = make_mesh(fsdp=n, devices=jax.devices()[:n])
+        if n == 4:  # a resumed training run: the whole state
+            other = Trainer(cfg, mesh=mesh)
+            assert other.restore() == 1
+            params, step = other.state.params, int(other.state.step)
+            other.close()
+        else:  # what `python -m gtpo_jax.evaluate` runs: no optimizer, only the parameters are read
+            run = build(cfg, mesh, train=False)
+            assert run.optimizer is None and run.fns is None
+            ckpt = Checkpointer(tmp_path / "checkpoints")
+            step = ckpt.latest_step()
+            params, _ = ckpt.restore_params(step, abstract_params(run.model, mesh))
+            ckpt.close()
+        leaves = jax.tree.leaves(params)
         assert all(x.sharding.device_set <= set(jax.devices()[:n]) for x in leaves)
-        assert jax.tree.all(jax.tree.map(np.array_equal, saved, jax.tree.map(np.asarray, other.state.params)))
-        assert int(other.state.step) == 1
-        if n == 1:  # what `python -m gtpo_jax.evaluate` runs
-            result = other.evaluate(samples=4, num_prompts=4)
+        assert jax.tree.all(jax.tree.map(np.array_equal, saved, jax.tree.map(np.asarray, params)))
+        assert step == 1
+        if n == 1:
+            _, test = load_data(cfg)
+            pool = reward_pool(cfg, [], test)
+            result = evaluate(run, params, pool, test, samples=4, num_prompts=4)
+            pool.close()
             assert set(result) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"}
             assert 0 <= result["avg@4"] <= 1 and result["reward_invalid_frac"] == 0
-        other.close()

@@ -2,6 +2,7 @@
 failures, misconfigured rewards, the learning-rate warm-up's unit, bfloat16 master weights, the
 KL reference across a preemption, and rows that stay sharded."""
 
+import dataclasses
 from dataclasses import replace
 
 import jax
@@ -13,6 +14,7 @@ from train_helpers import tiny_config
 
 from gtpo_jax.config import ConfigError, from_dict
 from gtpo_jax.models.sharding import make_mesh
+from gtpo_jax.parallel.placement import Placement
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rewards.registry import RewardConfigError, RewardSpec
 from gtpo_jax.training.collect import spread_fillers
@@ -74,8 +76,8 @@ def test_reward_errors_are_counted_and_left_out_of_the_loss(trainer):
     trainer.pool.close()
     trainer.pool = RewardPool(RewardSpec("flaky", fails_on_odd_length, needs=()), num_workers=1)
     batch, _, loss_batch, stats = trainer.rollout()
-    tokens, mask = np.asarray(batch.tokens), np.asarray(batch.mask)
-    odd = np.asarray([[len(trainer.tok.decode(tokens[p, g][mask[p, g]])) % 2 for g in range(tokens.shape[1])]
+    tokens, mask = np.asarray(batch.rollout.tokens), np.asarray(batch.rollout.mask)
+    odd = np.asarray([[len(trainer.built.tok.decode(tokens[p, g][mask[p, g]])) % 2 for g in range(tokens.shape[1])]
                       for p in range(tokens.shape[0])], bool)  # fmt: skip
     assert 0 < odd.mean() < 1
     assert np.array_equal(batch.valid, ~odd)
@@ -138,14 +140,19 @@ def test_mini_batches_and_eval_chunks_stay_split_over_the_devices(tmp_path):
     trainer = Trainer(cfg, mesh=make_mesh(fsdp=8))
     try:
         _, groups, loss_batch, _ = trainer.rollout()
-        mini = trainer.take_mini_batch((groups, loss_batch), jnp.int32(4))  # 4 rows, padded to 8
+        mini = trainer.built.fns.take((groups, loss_batch), jnp.int32(4))  # 4 rows, padded to 8
         for x in jax.tree.leaves(mini):
             assert x.shape[0] == 8 and not x.sharding.is_fully_replicated
         assert np.array_equal(mini[0].tokens[:4], groups.tokens[4:]) and np.all(mini[1].mask[4:] == 0)
         assert np.array_equal(mini[1].mask[:4], loss_batch.mask[4:])
         placed = []
-        put = trainer._put
-        trainer._put = lambda tree: placed.append(put(tree)) or placed[-1]
+
+        class Recording(Placement):
+            def put(self, tree):
+                placed.append(super().put(tree))
+                return placed[-1]
+
+        trainer.built = dataclasses.replace(trainer.built, place=Recording(trainer.built.mesh))
         result = trainer.evaluate(samples=2, num_prompts=4)
         assert result["prompts"] == 4 and placed
         assert all(not x.sharding.is_fully_replicated for x in jax.tree.leaves(placed))
@@ -180,23 +187,29 @@ def test_a_mini_batch_whose_gradient_is_zero_takes_no_step(trainer):
 
 
 def test_under_mask_truncated_a_group_informative_only_through_truncated_responses_is_refilled(monkeypatch):
+    from types import SimpleNamespace
+
+    from gtpo_jax.rollout.sampler import Rollout
     from gtpo_jax.training import collect as collect_lib
 
     def part(rewards, truncated):
         P, G = rewards.shape
         zeros = jnp.zeros((P, G, 2), jnp.int32)
-        return collect_lib.GroupBatch([{"prompt": str(i)} for i in range(P)], [[1]] * P, zeros, zeros > 0,
-                                      zeros.astype(jnp.float32), np.full((P, G), 2), truncated, rewards,
-                                      np.zeros((P, G), np.int8))  # fmt: skip
+        rollout = Rollout(zeros, zeros > 0, zeros.astype(jnp.float32), jnp.full((P, G), 2), jnp.asarray(truncated, int))
+        prompts = jnp.ones((P, 1), jnp.int32)
+        return collect_lib.GroupBatch([{"prompt": str(i)} for i in range(P)], prompts, prompts > 0, rollout,
+                                      np.full((P, G), 2), truncated, rewards, np.zeros((P, G), np.int8))  # fmt: skip
 
     # Group 0 is mixed only through its truncated (correct) response; group 1 is really mixed.
     first = part(np.array([[1.0, 0, 0], [1, 0, 0]]), np.array([[True, False, False], [False] * 3]))
     second = part(np.array([[1.0, 0, 0], [0, 1, 0]]), np.zeros((2, 3), bool))
     parts = iter([first, second])
-    monkeypatch.setattr(collect_lib, "sample_groups", lambda *a, **k: next(parts))
+    monkeypatch.setattr(collect_lib, "draw", lambda *a, **k: next(parts))
     batches = iter([[{}, {}], [{}, {}]])
-    kw = dict(num_prompts=2, dynamic_sampling=True, max_refill_rounds=1, success_threshold=0.5, put=None)
-    batch, stats = collect_lib.collect(None, None, None, None, batches, lambda r: [1], jax.random.key(0),
-                                       mask_truncated=True, **kw)  # fmt: skip
+    cfg = from_dict({"loss": {"algorithm": "dapo", "group_size": 3, "mask_truncated": True},
+                     "train": {"prompts_per_step": 2}, "rollout": {"max_refill_rounds": 1}})  # fmt: skip
+    run = SimpleNamespace(cfg=cfg, place=Placement(make_mesh(fsdp=1, devices=jax.devices()[:1])),
+                          tok=SimpleNamespace(pad_id=0))  # fmt: skip
+    batch, _, stats = collect_lib.collect(run, None, None, batches, jax.random.key(0))
     assert stats["sampling_rounds"] == 2 and stats["informative_groups"] == 2
     assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()

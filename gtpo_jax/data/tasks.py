@@ -4,7 +4,8 @@
   (`+ - *` on small numbers, parenthesised left to right). Answer: an integer.
 - `countdown`: reach `target` from `difficulty + 1` numbers, each used at most once, with
   `+ - * /` and parentheses. Any correct expression is accepted; the verifier parses it with a
-  small recursive-descent parser over exact fractions (nothing is evaluated as Python).
+  small recursive-descent parser over exact fractions (`rewards/countdown.py`; nothing is
+  evaluated as Python).
 
 `generate(task, n, seed=..., difficulty=..., split=..., operations="+-*")` is deterministic. A problem's split is a
 function of its text alone (a hash), so `train` and `test` are disjoint whatever the seeds.
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
-from collections import Counter
-from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-from gtpo_jax.rewards.extract import is_plain, last_boxed
+from gtpo_jax.errors import UnknownName, did_you_mean
 
 TEST_FRACTION = 10  # one problem in TEST_FRACTION (by hash) belongs to the test split
-MAX_EXPRESSION_CHARS = 200
 INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
@@ -82,7 +79,7 @@ def generate(
     if prompt_style not in ("instruction", "compact"):
         raise ValueError(f"prompt_style={prompt_style!r}: expected 'instruction' or 'compact'")
     if task not in TASKS:
-        raise KeyError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise UnknownName(f"unknown task {task!r}{did_you_mean(task, TASKS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}: expected 'train' or 'test'")
     if difficulty < 1:
@@ -102,93 +99,3 @@ def generate(
         if len(records) == n:
             return records
     raise ValueError(f"could not draw {n} distinct {split} problems of {task} at difficulty {difficulty}")
-
-
-_TOKEN = re.compile(r"\s*(\d+|[()+\-*/])")
-
-
-class _Parser:
-    """expr := term (('+'|'-') term)*; term := factor (('*'|'/') factor)*; factor := INT | '(' expr ')'."""
-
-    def __init__(self, text: str):
-        self.tokens, pos = [], 0
-        text = text.replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/").replace("×", "*")
-        text = text.replace("\\left", "").replace("\\right", "").strip()
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m:
-                raise ValueError(f"unexpected character {text[pos]!r}")
-            self.tokens.append(m.group(1))
-            pos = m.end()
-        self.i, self.numbers = 0, []
-
-    def _peek(self) -> str | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
-
-    def _next(self) -> str:
-        token = self._peek()
-        if token is None:
-            raise ValueError("unexpected end of expression")
-        self.i += 1
-        return token
-
-    def expr(self, depth: int = 0) -> Fraction:
-        if depth > 50:
-            raise ValueError("expression nested too deeply")
-        value = self.term(depth)
-        while self._peek() in ("+", "-"):
-            value = value + self.term(depth) if self._next() == "+" else value - self.term(depth)
-        return value
-
-    def term(self, depth: int) -> Fraction:
-        value = self.factor(depth)
-        while self._peek() in ("*", "/"):
-            op, rhs = self._next(), self.factor(depth)
-            if op == "/" and rhs == 0:
-                raise ValueError("division by zero")
-            value = value * rhs if op == "*" else value / rhs
-        return value
-
-    def factor(self, depth: int) -> Fraction:
-        token = self._next()
-        if token == "(":
-            value = self.expr(depth + 1)
-            if self._next() != ")":
-                raise ValueError("unbalanced parentheses")
-            return value
-        if token.isdigit():
-            self.numbers.append(int(token))
-            return Fraction(int(token))
-        raise ValueError(f"unexpected token {token!r}")
-
-    def parse(self) -> Fraction:
-        value = self.expr()
-        if self._peek() is not None:
-            raise ValueError(f"unexpected token {self._peek()!r}")
-        return value
-
-
-def check_countdown(expression: str, numbers: list[int], target: int) -> tuple[bool, str]:
-    """Whether `expression` uses only the given numbers (each at most once) and equals target."""
-    if len(expression) > MAX_EXPRESSION_CHARS or not is_plain(expression):
-        return False, "expression too long or not plain"
-    try:
-        parser = _Parser(expression)
-        value = parser.parse()
-    except (ValueError, ZeroDivisionError) as e:
-        return False, f"unparsable: {e}"
-    if Counter(parser.numbers) - Counter(numbers):
-        return False, "uses numbers that were not given (or too often)"
-    return value == target, "ok" if value == target else f"equals {value}, not {target}"
-
-
-def countdown_reward(record: Mapping[str, Any], completion: str) -> tuple[float, dict]:
-    """1 if the completion's last \\boxed{} expression reaches the target legally, else 0."""
-    missing = [k for k in ("numbers", "target") if k not in record]
-    if missing:
-        raise KeyError(f"countdown reward needs record fields {missing}; the record has fields {sorted(record)}")
-    expression = last_boxed(completion)
-    if expression is None:
-        return 0.0, {"extracted": None}
-    ok, why = check_countdown(expression, list(record["numbers"]), int(record["target"]))
-    return float(ok), {"extracted": expression[:100], "check": why}

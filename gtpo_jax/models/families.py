@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gtpo_jax.models.transformer import FULL, SLIDING, ModelConfig, RopeScaling
+from gtpo_jax.models.transformer import ARCHITECTURES, FULL, SLIDING, ModelConfig, RopeScaling
 
 # Our block parameter names (`transformer.Block`) -> HF names under `model.layers.{i}.`; the
 # norms and MLP/attention projections shared by every family.
@@ -270,6 +270,10 @@ FAMILIES: dict[str, Family] = {
         ),
     )
 }  # fmt: skip
+
+
+if tuple(FAMILIES) != ARCHITECTURES:  # the decoder's list and this table describe the same families
+    raise ImportError(f"models/families.py FAMILIES {tuple(FAMILIES)} != transformer.ARCHITECTURES {ARCHITECTURES}")
 
 
 def family(name: str) -> Family:

@@ -12,6 +12,7 @@ replicated over that axis instead, and the fallback is logged: a model always lo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -108,6 +109,30 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh, rules: R
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of a model: no memory is allocated."""
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """A policy's graph and shape-only state: with a pure-dict parameter tree, the model.
+
+    Hashed by identity, so a jitted function taking it as a static argument compiles once per
+    run (the run builds one `ModelDef`)."""
+
+    graphdef: nnx.GraphDef
+    abstract: nnx.State
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ModelDef:
+        return cls(*abstract_model(cfg))
+
+    def merge(self, params: dict) -> Transformer:
+        """The model holding `params` (call inside jit: no copy is made)."""
+        return merge_params(self.graphdef, self.abstract, params)
+
+
+def split_model(model: Transformer) -> tuple[ModelDef, dict]:
+    """`(ModelDef, pure-dict params)` of a concrete model."""
+    return ModelDef.of(model.cfg), nnx.to_pure_dict(nnx.state(model))
 
 
 def merge_params(graphdef: nnx.GraphDef, abstract_state: nnx.State, params: dict) -> Transformer:

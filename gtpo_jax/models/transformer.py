@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, named as in HF `layer_types`
+# The model families this decoder implements; models/families.py describes each (and checks it covers them).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
@@ -76,7 +78,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters: "float32" or "bfloat16"
     dtype: str = "float32"  # activation dtype; norms, softmax and rotary run in float32 regardless
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
-    architecture: str = "llama"  # a key of models/families.py FAMILIES: names, config.json, GGUF
+    architecture: str = "llama"  # one of ARCHITECTURES; models/families.py holds each one's names, config.json, GGUF
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -109,10 +111,8 @@ class ModelConfig:
             )
         if self.rope_linear_factor <= 0:
             raise ValueError(f"model.rope_linear_factor={self.rope_linear_factor}: must be > 0")
-        from gtpo_jax.models.families import FAMILIES  # families.py imports this module
-
-        if self.architecture not in FAMILIES:
-            raise ValueError(f"model.architecture={self.architecture!r}: expected one of {', '.join(FAMILIES)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture={self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
 
 
 class KVCache(NamedTuple):

@@ -47,6 +47,14 @@ _RATIONAL = [
 ]  # fmt: skip
 
 
+def latex_parse(answer: str, timeout_s: int = 3) -> list:
+    """math-verify's LaTeX parser only (`[sympy object, string]`, or `[]`); nothing is evaluated."""
+    from math_verify import LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)]
+    return parse(f"${answer}$", extraction_config=config, parsing_timeout=timeout_s)
+
+
 def _repeating(whole: str, fixed: str, period: str) -> Fraction:
     """`0.1\\overline{6}` = 1/6: the period repeats after the fixed digits."""
     shift = 10 ** len(fixed)
@@ -93,8 +101,6 @@ def _exact_decimals(latex: str) -> str:
 def _sympy(latex: str):
     """The parsed sympy expression of `latex` (decimals exact), or None (also when it holds a float)."""
     from sympy import Expr, Float
-
-    from gtpo_jax.rewards.math import latex_parse
 
     found = [x for x in latex_parse(_exact_decimals(latex)) if isinstance(x, Expr)]
     if not found or found[0].has(Float) or found[0].has(*_nonfinite()):

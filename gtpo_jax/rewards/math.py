@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gtpo_jax.rewards.answer import _DEGREES, Rejected, normalize, parse_answer
-from gtpo_jax.rewards.equivalence import DEFAULT_REL_TOL, canonical, equivalent_answers
+from gtpo_jax.rewards.equivalence import DEFAULT_REL_TOL, canonical, equivalent_answers, latex_parse
 from gtpo_jax.rewards.extract import (
     answer_line,
     boxed_hedge,
@@ -63,14 +63,6 @@ def unicode_to_latex(answer: str) -> str:
 
 def to_latex(answer: str) -> str:
     return re.sub(r"\{\{(.*)\}\}", r"{\1}", unicode_to_latex(answer))
-
-
-def latex_parse(answer: str, timeout_s: int = 3) -> list:
-    """math-verify's LaTeX parser only (`[sympy object, string]`, or `[]`); nothing is evaluated."""
-    from math_verify import LatexExtractionConfig, parse
-
-    config = [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)]
-    return parse(f"${answer}$", extraction_config=config, parsing_timeout=timeout_s)
 
 
 def equivalent(gold: str, pred: str, *, timeout_s: int = 3) -> bool:

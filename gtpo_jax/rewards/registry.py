@@ -13,8 +13,8 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from gtpo_jax.data import tasks
 from gtpo_jax.errors import ConfigError, UnknownName, did_you_mean
+from gtpo_jax.rewards import countdown
 from gtpo_jax.rewards import math as math_rewards
 
 RewardFn = Callable[..., tuple[float, dict]]
@@ -51,7 +51,7 @@ register(RewardSpec("math", math_rewards.math_reward))
 register(RewardSpec("dapo", math_rewards.dapo_reward, failure_score=-1.0))
 register(RewardSpec("exact", math_rewards.exact_reward))
 register(RewardSpec("format", math_rewards.format_reward, needs=()))
-register(RewardSpec("countdown", tasks.countdown_reward, needs=("numbers", "target")))
+register(RewardSpec("countdown", countdown.countdown_reward, needs=("numbers", "target")))
 
 
 class RewardConfigError(ConfigError):

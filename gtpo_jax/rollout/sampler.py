@@ -3,7 +3,9 @@
 One call: prefill the `P` left-padded prompts **once** (`[P, Lp]` into a cache of `Lp + T`
 slots), copy each prompt's cache to its `G` samples (`[P * G]` rows), then decode with a
 `while_loop` that stops as soon as every row has emitted a stop token or `T` tokens exist.
-Every shape is static, so the function compiles once per (P, prompt bucket, G, T).
+Every shape is static, so the function compiles once per (P, prompt bucket, G, T). The policy
+comes in as its parameter tree (the same one the update trains) and is merged with its graph
+inside the compiled function: there is one form of the policy, never a host-side module.
 
 Sampling: logits / temperature, then top-k and top-p (nucleus) filtering, then a categorical
 draw with a key derived from the call's key, the step and the row (deterministic for a given
@@ -20,56 +22,43 @@ that reaches `T` tokens without one is flagged `FINISH_LENGTH`. Positions after 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
 from jaxtyping import Array, Bool, Float, Int
 
-from gtpo_jax.models.transformer import KVCache, Transformer, positions_from_valid
+from gtpo_jax.config import RolloutSection
+from gtpo_jax.models.sharding import ModelDef
+from gtpo_jax.models.transformer import KVCache, positions_from_valid
 
 FINISH_STOP = 0  # ended with a stop token
 FINISH_LENGTH = 1  # reached max_new_tokens
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are drawn."""
+class SamplingConfig(NamedTuple):
+    """How responses are drawn: the run's rollout section (length limit, temperature, top-k,
+    top-p; validated there) and what the tokenizer and the loss add to it."""
 
+    rollout: RolloutSection
     # Responses per prompt (G).
-    group_size: int = 16
-    # Length limit of a response in tokens (T); responses are padded to it.
-    max_new_tokens: int = 256
-    # Softmax temperature; 0 = greedy (argmax).
-    temperature: float = 1.0
-    # Keep only the k most likely tokens; 0 = no limit.
-    top_k: int = 0
-    # Keep the smallest set of tokens whose probability reaches top_p; 1.0 = no limit.
-    top_p: float = 1.0
+    group_size: int
     # Token ids that end a response (kept as its last token).
     stop_token_ids: tuple[int, ...] = ()
     # Token id written after the end of a response.
     pad_id: int = 0
-    # Prompt lengths are padded up to the smallest bucket that fits, bounding compilations.
-    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
 
-    def __post_init__(self) -> None:
-        def check(ok: bool, field: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"sampling.{field}={getattr(self, field)!r}: {what}")
 
-        check(self.group_size >= 1, "group_size", "must be >= 1")
-        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        check(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
-        check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
-        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(len(self.prompt_buckets) > 0 and list(self.prompt_buckets) == sorted(self.prompt_buckets),
-              "prompt_buckets", "must be a non-empty increasing tuple")  # fmt: skip
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+def sampling_config(
+    rollout: RolloutSection | None = None, *, group_size: int, stop_token_ids=(), pad_id: int = 0, **fields: Any
+) -> SamplingConfig:
+    """A `SamplingConfig` from a rollout section (default: the section's defaults), with rollout
+    fields replaced by `fields` (`temperature=0.0`, `max_new_tokens=...`)."""
+    rollout = dataclasses.replace(rollout or RolloutSection(), **fields)
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}: must be >= 1")
+    return SamplingConfig(rollout, int(group_size), tuple(int(t) for t in stop_token_ids), int(pad_id))
 
 
 class Rollout(NamedTuple):
@@ -80,26 +69,6 @@ class Rollout(NamedTuple):
     logp: Float[Array, "P G T"]  # sampler's log-prob of each token (full vocabulary, at the temperature)
     lengths: Int[Array, "P G"]
     finish_reason: Int[Array, "P G"]  # FINISH_STOP or FINISH_LENGTH
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"prompt of {length} tokens is longer than the largest prompt bucket {buckets[-1]}")
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists to the bucket of the longest: `(tokens [P, Lp], valid [P, Lp])`."""
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token")
-    width = bucket_length(max(len(p) for p in prompts), buckets)
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    valid = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p) :] = p
-        valid[i, width - len(p) :] = True
-    return tokens, valid
 
 
 def filter_logits(logits: Float[Array, "B V"], top_k: int, top_p: float) -> Float[Array, "B V"]:
@@ -119,37 +88,51 @@ def filter_logits(logits: Float[Array, "B V"], top_k: int, top_p: float) -> Floa
 
 def _draw(logits: Float[Array, "B V"], key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
     """Token and its full-vocabulary log-prob at the sampling temperature, per row."""
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+    r = cfg.rollout
+    temperature = r.temperature if r.temperature > 0 else 1.0
     scaled = logits.astype(jnp.float32) / temperature
-    if cfg.temperature == 0 or cfg.top_k == 1:
+    if r.temperature == 0 or r.top_k == 1:
         token = jnp.argmax(scaled, axis=-1)
     else:
         keys = jax.random.split(key, scaled.shape[0])
-        filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+        filtered = filter_logits(scaled, r.top_k, r.top_p)
         token = jax.vmap(jax.random.categorical)(keys, filtered)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logp
 
 
-@nnx.jit(static_argnames="cfg")
-def sample(
-    model: Transformer, prompts: Int[Array, "P Lp"], prompt_valid: Bool[Array, "P Lp"], key: Array, cfg: SamplingConfig
-) -> Rollout:
-    """Draws `cfg.group_size` responses for each left-padded prompt (see the module docstring)."""
+def _prefill(model: Any, prompts: Array, prompt_valid: Array, G: int, T: int) -> tuple[KVCache, Array, Array]:
+    """The prompts' KV cache (`Lp + T` slots) and last logits, copied to each prompt's G samples
+    (row `p * G + g`), and each sample's first response position."""
     P, Lp = prompts.shape
-    G, T = cfg.group_size, cfg.max_new_tokens
-    B = P * G
-    stops = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-
-    positions = positions_from_valid(prompt_valid)
     cache = KVCache.empty(model.cfg, P, Lp + T)
-    hidden, cache = model(prompts, positions, prompt_valid, cache)
-    # Copy each prompt's cache and last logits to its G samples: row p * G + g.
+    hidden, cache = model(prompts, positions_from_valid(prompt_valid), prompt_valid, cache)
     cache = KVCache(
         jnp.repeat(cache.k, G, axis=1), jnp.repeat(cache.v, G, axis=1), jnp.repeat(cache.valid, G, axis=0), cache.end
     )
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], G, axis=0)
-    next_position = jnp.repeat(jnp.sum(prompt_valid, axis=1), G)  # real prompt tokens: first response position
+    return cache, logits, jnp.repeat(jnp.sum(prompt_valid, axis=1), G)  # real prompt tokens: first response position
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "cfg"))
+def sample(
+    model_def: ModelDef,
+    params: Any,
+    prompts: Int[Array, "P Lp"],
+    prompt_valid: Bool[Array, "P Lp"],
+    key: Array,
+    cfg: SamplingConfig,
+) -> Rollout:
+    """Draws `cfg.group_size` responses for each left-padded prompt (see the module docstring).
+
+    `params` is the policy's pure-dict parameter tree (the one the update trains), merged with
+    `model_def` inside the compiled function, as the scoring pass does."""
+    model = model_def.merge(params)
+    P, _ = prompts.shape
+    G, T = cfg.group_size, cfg.rollout.max_new_tokens
+    B = P * G
+    stops = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    cache, logits, next_position = _prefill(model, prompts, prompt_valid, G, T)
 
     token, logp = _draw(logits, jax.random.fold_in(key, 0), cfg)
     done = jnp.isin(token, stops)
@@ -189,31 +172,3 @@ def sample(
         lengths.reshape(P, G),
         finish.reshape(P, G),
     )
-
-
-class Sampler:
-    """`sample` over token lists, with prompt bucketing and a log line per new compilation."""
-
-    def __init__(self, cfg: SamplingConfig):
-        self.cfg = cfg
-        self.compiled_shapes: set[tuple[int, int]] = set()
-
-    def __call__(
-        self, model: Transformer, prompts: Sequence[Sequence[int]], key: Array, *, put=None
-    ) -> tuple[Rollout, np.ndarray, np.ndarray]:
-        """Returns the rollout and the padded prompts `(tokens, valid)` it was drawn from.
-
-        `put` places the padded prompt arrays on devices (default `jnp.asarray`); a trainer on a
-        mesh passes one that splits them over the batch axes (and builds global arrays when it
-        runs as several processes).
-        """
-        tokens, valid = pad_prompts(prompts, self.cfg.prompt_buckets, self.cfg.pad_id)
-        shape = tokens.shape
-        if shape not in self.compiled_shapes:
-            self.compiled_shapes.add(shape)
-            logging.info(
-                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)",
-                shape[0], shape[1], self.cfg.group_size, self.cfg.max_new_tokens, len(self.compiled_shapes),
-            )  # fmt: skip
-        put = jnp.asarray if put is None else put
-        return sample(model, put(tokens), put(valid), key, self.cfg), tokens, valid

@@ -22,17 +22,29 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import flax.nnx as nnx
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
+from gtpo_jax.models.sharding import ModelDef, param_shardings
 from gtpo_jax.training.state import TrainState
 
 
 def _abstract(tree: Any) -> Any:
     """Shape, dtype and sharding of each leaf: the target a checkpoint is restored into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def abstract_params(model: ModelDef, mesh: Mesh) -> Any:
+    """Shape, dtype and sharding of each parameter of `model` on `mesh`: a restore target that
+    allocates nothing."""
+    shardings = param_shardings(model.abstract, mesh)
+    shapes = nnx.to_pure_dict(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), model.abstract,
+                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))  # fmt: skip
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 class Checkpointer:
@@ -72,6 +84,22 @@ class Checkpointer:
         state = state._replace(opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state),
                                                             jax.tree.leaves(state.opt_state)))  # fmt: skip
         return state, restored.data, restored.meta
+
+    def restore_params(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+        """Only the parameters of step `step` (no optimiser state is read or held), into the shapes,
+        dtypes and shardings of `like`, and the checkpoint's meta: what evaluation needs."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": _abstract(like)},
+                    restore_args={"params": ocp.checkpoint_utils.construct_restore_args(_abstract(like))},
+                    partial_restore=True,
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state["params"], restored.meta
 
     def reference(self, params: Any, *, save: bool) -> Any:
         """The KL reference policy, kept once beside the step checkpoints (`<dir>/../reference`):

@@ -3,20 +3,22 @@
 Host-side glue around the jitted sampler (`rollout/sampler.py`) and the reward pool
 (`rewards/pool.py`). With dynamic sampling, groups whose responses are all right or all wrong
 (decided on the verifier's correctness, not on a shaped reward) are set aside and new prompts
-are drawn, at most `max_refill_rounds` extra rounds; if the batch is still short, uninformative
-groups fill it (the loss gives them zero weight) and the shortfall is logged and counted.
+are drawn, at most `rollout.max_refill_rounds` extra rounds; if the batch is still short,
+uninformative groups fill it (the loss gives them zero weight) and the shortfall is logged and
+counted.
 
-Multi-process runs: every process holds the step's prompt records (text, small) and the same
-padded prompt ids; the rollout itself (`tokens`, `mask`, `logp`: `[P, G, T]`) stays in global
-device arrays split over the batch axes and is never gathered on a host. Each process decodes
-and scores only the rows on its own devices (`score_rollout`); the `[P, G]` rewards, lengths and
-finish flags are then shared with every process (a few bytes a response), so all processes take
-the same dynamic-sampling decisions. One process or many, the step computes the same thing.
+What crosses between host and devices: a sampling round's prompts are padded and placed once
+(`draw`); the sampler and later the scoring pass use those arrays. The rollout (`tokens`, `mask`,
+`logp`: `[P, G, T]`) stays in global device arrays split over the batch axes: each process
+decodes and scores only the rows on its own devices (`score_rollout`), and the `[P, G]`
+lengths and finish flags are read back (a few bytes a response) for the dynamic-sampling
+decisions, which every process then takes identically. Correctness (`O+`) and informativeness
+are decided here, once, and handed to the loss (`losses.prepare_batch(correct=, informative=)`).
 
 Reward health: each response carries a status (`rewards.registry.OK`, `ERROR`, `TIMEOUT`,
 `CRASH`); only OK responses are *valid*. Dynamic sampling decides informativeness on the valid
-responses, the loss leaves the others out (`losses.prepare_batch(valid=...)`), and the step's
-error / timeout / crash rates over everything sampled are returned with the first error's text.
+responses, the loss leaves the others out, and the step's error / timeout / crash rates over
+everything sampled are returned with the first error's text.
 
 When the batch is short of informative groups, the zero-weight filler groups are spread over
 the mini-batches (the informative ones dealt out in turn), so that no optimiser step is made
@@ -26,32 +28,35 @@ of filler alone while there are informative groups to share.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
+from gtpo_jax.config import RewardSection
+from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.losses.groups import informative_from_sets
-from gtpo_jax.models.sharding import rows_sharding
+from gtpo_jax.parallel.placement import allgather, gather_rows, local_rows
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rewards.registry import CRASH, ERROR, OK, TIMEOUT, reward_status
-from gtpo_jax.rollout.sampler import FINISH_LENGTH, Rollout, Sampler, pad_prompts
+from gtpo_jax.rollout.sampler import FINISH_LENGTH, Rollout, SamplingConfig, sample
+from gtpo_jax.training.build import Run
 
 
 @dataclasses.dataclass
 class GroupBatch:
-    """P groups: device arrays for the rollout, host arrays (the same on every process) for the rest."""
+    """P groups: device arrays for the prompts and the rollout, host arrays (the same on every
+    process) for the verdicts."""
 
     records: list[dict[str, Any]]
-    prompt_ids: list[list[int]]
-    tokens: jax.Array  # [P, G, T] global
-    mask: jax.Array  # [P, G, T] global
-    sampler_logp: jax.Array  # [P, G, T] global
+    prompts: jax.Array  # [P, Lp] int32 global, left-padded
+    prompt_valid: jax.Array  # [P, Lp] bool global
+    rollout: Rollout  # [P, G, T] / [P, G] global
     lengths: np.ndarray  # [P, G]
     truncated: np.ndarray  # [P, G] bool
     rewards: np.ndarray  # [P, G]
@@ -63,43 +68,49 @@ class GroupBatch:
         """`[P, G]` bool: responses with a trustworthy reward."""
         return self.status == OK
 
-    def padded_prompts(self, buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        return pad_prompts(self.prompt_ids, buckets, pad_id)
+
+class RewardHealthError(RuntimeError):
+    """Too many responses of a step have no valid reward: the verifier, not the policy, is failing."""
 
 
-def render_prompt(tok: Tokenizer, record: dict[str, Any], *, template: str, system_prompt: str, suffix: str) -> str:
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": record["prompt"] + suffix}
-    ]
-    return tok.render_chat(messages, template=template)
+def check_reward_health(stats: dict[str, float], first_error: str, r: RewardSection, step: int) -> None:
+    """Logs invalid rewards; raises `RewardHealthError` when more than `reward.max_invalid_frac`
+    of the step's sampled responses are invalid (nothing of the step is trained on)."""
+    rate = stats["reward_invalid_rate"]
+    if rate == 0:
+        return
+    what = (f"{100 * rate:.1f}% of the step's sampled responses have no valid reward (errors "
+            f"{100 * stats['reward_error_rate']:.1f}%, timeouts {100 * stats['reward_timeout_rate']:.1f}% at "
+            f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)")  # fmt: skip
+    error = f"; first error: {first_error}" if first_error else ""
+    if rate > r.max_invalid_frac:
+        raise RewardHealthError(
+            f"step {step}: {what}, more than reward.max_invalid_frac={r.max_invalid_frac}. The verifier "
+            f"(reward.name={r.name!r}) is failing, not the policy; nothing of this step was trained on{error}"
+        )
+    logging.warning("reward: %s; they are left out of the loss%s", what, error)
 
 
-def to_rows(tree: Any) -> Any:
-    """Mesh arrays laid out with their leading axis split over the batch axes (if it divides)."""
+@dataclasses.dataclass(frozen=True)
+class Verdicts:
+    """What the verifier decided about a batch, on the host: the loss's inputs besides the tokens."""
 
-    def relayout(x: jax.Array) -> jax.Array:
-        mesh = getattr(x.sharding, "mesh", None)
-        return x if mesh is None else jax.device_put(x, rows_sharding(mesh, x.shape))
+    rewards: np.ndarray  # [P, G] float32
+    valid: np.ndarray  # [P, G] bool: a trustworthy reward
+    correct: np.ndarray  # [P, G] bool: in O+ (reward above the success threshold, among the kept responses)
+    informative: np.ndarray  # [P] bool: both O+ and O- among the responses the loss keeps
 
-    return jax.tree.map(relayout, tree)
-
-
-def local_rows(x: jax.Array) -> dict[int, np.ndarray]:
-    """The rows (leading axis) this process holds, by global row index."""
-    out: dict[int, np.ndarray] = {}
-    for shard in x.addressable_shards:
-        start = shard.index[0].start or 0
-        data = np.asarray(shard.data)
-        for i in range(data.shape[0]):
-            out.setdefault(start + i, data[i])
-    return out
+    def as_tuple(self) -> tuple[np.ndarray, ...]:
+        return self.rewards, self.valid, self.correct, self.informative
 
 
-def allgather(x: np.ndarray) -> np.ndarray:
-    """`[n_processes, ...]` of a host array (the array itself in a single-process run)."""
-    if jax.process_count() == 1:
-        return x[None]
-    return np.asarray(multihost_utils.process_allgather(x))
+def verdicts(batch: GroupBatch, *, success_threshold: float, mask_truncated: bool) -> Verdicts:
+    """Correctness and informativeness, by the loss's own rule (`losses.groups`), on the responses
+    the loss keeps (under `mask_truncated`, truncated responses do not count)."""
+    kept = batch.valid & ~batch.truncated if mask_truncated else batch.valid
+    correct = (batch.rewards > success_threshold) & kept
+    informative = np.asarray(informative_from_sets(correct, kept))
+    return Verdicts(batch.rewards.astype(np.float32), batch.valid, correct, informative)
 
 
 def score_rollout(
@@ -125,42 +136,50 @@ def score_rollout(
     return allgather(local).sum(axis=0), allgather(status).sum(axis=0).astype(np.int8), first_error
 
 
-def sample_groups(
-    sampler: Sampler,
-    model: Any,
-    tok: Tokenizer,
-    pool: RewardPool,
-    records: list[dict[str, Any]],
-    prompt_ids: list[list[int]],
-    key: jax.Array,
-    put: Callable[[np.ndarray], jax.Array],
-) -> GroupBatch:
-    """Draws G responses per prompt and scores them."""
-    rollout, _, _ = sampler(model, prompt_ids, key, put=put)
-    rollout = to_rows(rollout)
-    small = multihost_utils.process_allgather((rollout.lengths, rollout.finish_reason), tiled=True)
-    lengths, finish = (np.asarray(a) for a in small)
-    rewards, status, first_error = score_rollout(rollout, records, tok, pool)
-    return GroupBatch(records, prompt_ids, rollout.tokens, rollout.mask, rollout.logp, lengths,
-                      finish == FINISH_LENGTH, rewards, status, first_error)  # fmt: skip
+def draw(
+    run: Run, params: Any, pool: RewardPool, records: list[dict[str, Any]], key: jax.Array,
+    sampling: SamplingConfig | None = None,
+) -> GroupBatch:  # fmt: skip
+    """Pads and places the records' prompts once, draws G responses for each, and scores them."""
+    ids = [run.encode(r) for r in records]
+    tokens, valid = pad_prompts(ids, run.cfg.rollout.prompt_buckets, run.tok.pad_id)
+    run.note_sampler_shape(tokens.shape)
+    prompts, prompt_valid = run.place.put((tokens, valid))
+    rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling or run.sampling))
+    lengths, finish = gather_rows((rollout.lengths, rollout.finish_reason))
+    rewards, status, first_error = score_rollout(rollout, records, run.tok, pool)
+    return GroupBatch(records, prompts, prompt_valid, rollout, lengths, finish == FINISH_LENGTH, rewards, status,
+                      first_error)  # fmt: skip
 
 
-@jax.jit
-def _take_rows(arrays: tuple[jax.Array, ...], rows: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(jnp.take(jnp.concatenate(parts), rows, axis=0) for parts in zip(*arrays, strict=True))
+def _fit(x: jax.Array, width: int, fill: Any) -> jax.Array:
+    """Left-pads (or left-crops) `[P, Lp]` prompt arrays to `width` columns."""
+    if x.shape[1] >= width:
+        return x[:, x.shape[1] - width :]
+    return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
 
 
-def select(parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
-    """The groups `(part, row)` of `parts`, in that order; rollout rows move between devices only."""
+@functools.partial(jax.jit, static_argnames=("width", "pad_id"))
+def _take_rows(parts: tuple, rows: jax.Array, width: int, pad_id: int) -> tuple:
+    """Rows `rows` of the concatenated parts `(prompts, prompt_valid, rollout)`; prompts brought to `width`."""
+    prompts = jnp.concatenate([_fit(p[0], width, pad_id) for p in parts])
+    valid = jnp.concatenate([_fit(p[1], width, False) for p in parts])
+    rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p[2] for p in parts])
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), (prompts, valid, rollout))
+
+
+def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
+    """The groups `(part, row)` of `parts`, in that order; device rows move between devices only.
+    Prompts of several sampling rounds are brought to the widest bucket among the rounds used."""
     offsets = np.cumsum([0] + [len(p.records) for p in parts])
     flat = np.asarray([offsets[i] + r for i, r in rows], np.int32)
-    device = _take_rows(tuple((p.tokens, p.mask, p.sampler_logp) for p in parts), flat)
-    tokens, mask, logp = to_rows(device)
+    width = max(parts[i].prompts.shape[1] for i in {i for i, _ in rows})
+    device = tuple((p.prompts, p.prompt_valid, p.rollout) for p in parts)
+    prompts, valid, rollout = run.place.as_rows(_take_rows(device, jnp.asarray(flat), width, run.tok.pad_id))
     pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
     records = sum((p.records for p in parts), [])
-    ids = sum((p.prompt_ids for p in parts), [])
-    return GroupBatch([records[i] for i in flat], [ids[i] for i in flat], tokens, mask, logp,
-                      pick("lengths"), pick("truncated"), pick("rewards"), pick("status"))  # fmt: skip
+    return GroupBatch([records[i] for i in flat], prompts, valid, rollout, pick("lengths"), pick("truncated"),
+                      pick("rewards"), pick("status"))  # fmt: skip
 
 
 def spread_fillers(kept: list, fillers: list, num_prompts: int, mini_batches: int) -> list:
@@ -176,59 +195,12 @@ def spread_fillers(kept: list, fillers: list, num_prompts: int, mini_batches: in
     return [row for slot in slots for row in slot + [next(rest) for _ in range(size - len(slot))]]
 
 
-def collect(
-    sampler: Sampler,
-    model: Any,
-    tok: Tokenizer,
-    pool: RewardPool,
-    batches: Iterator[list[dict[str, Any]]],
-    encode: Any,
-    key: jax.Array,
-    *,
-    num_prompts: int,
-    dynamic_sampling: bool,
-    max_refill_rounds: int,
-    success_threshold: float,
-    put: Callable[[np.ndarray], jax.Array],
-    mini_batches: int = 1,
-    mask_truncated: bool = False,
-) -> tuple[GroupBatch, dict[str, float]]:
-    """One rollout batch of exactly `num_prompts` groups, and collection statistics.
-
-    The statistics cover *everything sampled* this step (every refill round), before dynamic
-    sampling keeps the informative groups: `sampled_pass_rate` and `sampled_reward` (valid
-    responses), and `reward_error_rate`, `reward_timeout_rate`, `reward_crash_rate`,
-    `reward_invalid_rate` (all responses). Under `mask_truncated` a truncated response does not
-    count towards a group's informativeness (the loss leaves it out, `losses.prepare_batch`)."""
-    parts: list[GroupBatch] = []
-    kept: list[tuple[int, int]] = []
-    spare: list[tuple[int, int]] = []
-    rounds = sampled = 0
-    for rounds in range(max_refill_rounds + 1 if dynamic_sampling else 1):
-        records = next(batches)
-        part = sample_groups(sampler, model, tok, pool, records, [encode(r) for r in records],
-                             jax.random.fold_in(key, rounds), put)  # fmt: skip
-        parts.append(part)
-        sampled += len(records)
-        # The loss's own rule (losses.groups), on the responses the loss will keep.
-        valid = part.valid & ~part.truncated if mask_truncated else part.valid
-        informative = np.asarray(informative_from_sets(part.rewards > success_threshold, valid))
-        for row in range(len(records)):
-            (kept if informative[row] or not dynamic_sampling else spare).append((rounds, row))
-        if len(kept) >= num_prompts:
-            break
-    informative_groups = min(len(kept), num_prompts) if dynamic_sampling else num_prompts
-    if len(kept) < num_prompts:
-        logging.info("dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
-                     len(kept), rounds + 1, num_prompts - len(kept))  # fmt: skip
-    batch = select(parts, spread_fillers(kept, spare, num_prompts, mini_batches))
+def sampling_stats(parts: Sequence[GroupBatch], success_threshold: float) -> dict[str, float]:
+    """Pass rate, reward and reward-failure rates over *everything sampled* (every refill round)."""
     status = np.concatenate([p.status for p in parts])
     rewards = np.concatenate([p.rewards for p in parts])
     ok = status == OK
-    stats = {
-        "sampling_rounds": float(rounds + 1),
-        "prompts_sampled": float(sampled),
-        "informative_groups": float(informative_groups),
+    return {
         "sampled_pass_rate": float((rewards > success_threshold)[ok].mean()) if ok.any() else float("nan"),
         "sampled_reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
         "reward_error_rate": float((status == ERROR).mean()),
@@ -236,5 +208,35 @@ def collect(
         "reward_crash_rate": float((status == CRASH).mean()),
         "reward_invalid_rate": float((~ok).mean()),
     }
+
+
+def collect(
+    run: Run, params: Any, pool: RewardPool, batches: Iterator[list[dict[str, Any]]], key: jax.Array
+) -> tuple[GroupBatch, Verdicts, dict[str, float]]:
+    """One rollout batch of exactly `train.prompts_per_step` groups, its verdicts, and collection
+    statistics (`sampling_stats`, plus the rounds, prompts sampled and informative groups)."""
+    cfg = run.cfg
+    num_prompts, dynamic = cfg.train.prompts_per_step, bool(cfg.loss.dynamic_sampling)
+    rule = dict(success_threshold=cfg.loss.success_threshold, mask_truncated=bool(cfg.loss.mask_truncated))
+    parts: list[GroupBatch] = []
+    kept: list[tuple[int, int]] = []
+    spare: list[tuple[int, int]] = []
+    rounds = sampled = 0
+    for rounds in range(cfg.rollout.max_refill_rounds + 1 if dynamic else 1):
+        part = draw(run, params, pool, next(batches), jax.random.fold_in(key, rounds))
+        parts.append(part)
+        sampled += len(part.records)
+        informative = verdicts(part, **rule).informative
+        for row in range(len(part.records)):
+            (kept if informative[row] or not dynamic else spare).append((rounds, row))
+        if len(kept) >= num_prompts:
+            break
+    if len(kept) < num_prompts:
+        logging.info("dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
+                     len(kept), rounds + 1, num_prompts - len(kept))  # fmt: skip
+    batch = select(run, parts, spread_fillers(kept, spare, num_prompts, cfg.train.mini_batches))
     batch.first_error = next((p.first_error for p in parts if p.first_error), "")
-    return batch, stats
+    stats = {"sampling_rounds": float(rounds + 1), "prompts_sampled": float(sampled),
+             "informative_groups": float(min(len(kept), num_prompts) if dynamic else num_prompts),
+             **sampling_stats(parts, cfg.loss.success_threshold)}  # fmt: skip
+    return batch, verdicts(batch, **rule), stats

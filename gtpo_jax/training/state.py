@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gtpo_jax.config import OptimSection
 
@@ -59,11 +60,19 @@ def make_schedule(
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(
+def init_state(
+    params: Any, optimizer: optax.GradientTransformation, seed: int, *, mesh: Mesh | None = None
+) -> TrainState:
+    """A fresh state. On a `mesh`, every leaf lives on it (scalars and leaves not yet placed are
+    replicated), so restored checkpoints and jitted calls never mix single-device and mesh arrays."""
+    state = TrainState(
         params=params,
         opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),
     )
+    if mesh is None:
+        return state
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated), state)

@@ -1,4 +1,4 @@
-"""The jitted pieces of one RL step: the scoring pass, and the mini-batch policy update.
+"""The jitted pieces of one RL step: the scoring pass, loss preparation, and the policy update.
 
 Shapes: `P` prompts of the (mini-)batch, `Lp` padded prompt length, `G` responses per prompt,
 `T` response length. Groups are never split: micro- and mini-batches slice `P`.
@@ -10,22 +10,29 @@ denominator does not depend on the parameters. A gradient (or loss) that is not 
 the update: parameters and optimiser state are kept, and `skipped` is incremented. A
 mini-batch with no loss tokens (only filler groups, or every response masked), or whose
 gradient is exactly zero, takes no optimiser step either: AdamW would still move the weights
-by its stale momentum and weight decay. It is reported as `empty_update` and counted by the
-loop.
+by its stale momentum and weight decay. It is reported as `empty_update` and counted.
+
+Every function takes the policy as its pure-dict parameter tree and merges it with the run's
+`ModelDef` inside jit (the sampler does the same): one form of the policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
+from jax.sharding import Mesh
 
-from gtpo_jax.losses import LossBatch, LossConfig, compute_loss, merge_diagnostics, prepare_batch
-from gtpo_jax.models.sharding import merge_params
+from gtpo_jax.config import Config
+from gtpo_jax.losses import LossBatch, compute_loss, finalize_diagnostics, merge_diagnostics, prepare_batch
+from gtpo_jax.models.sharding import ModelDef, batch_width, rows_sharding
 from gtpo_jax.scoring import score
 from gtpo_jax.training.state import TrainState
 
@@ -41,101 +48,100 @@ class Groups(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-    """The jitted functions of a run (built once; `graphdef` / `abstract` describe the policy)."""
+    """The jitted functions of a training run, built once by `step_fns`."""
 
-    graphdef: Any
-    abstract: Any
-    loss_cfg: LossConfig
-    optimizer: optax.GradientTransformation
-    temperature: float
-    token_chunk: int
-    vocab_chunk: int
-    micro_batches: int
-
-    def model(self, params: Any) -> nnx.Module:
-        return merge_params(self.graphdef, self.abstract, params)
-
-    def _score(self, params: Any, groups: Groups) -> tuple[jax.Array, jax.Array]:
-        return score(
-            self.model(params), groups.prompts, groups.prompt_valid, groups.tokens, groups.mask,
-            temperature=self.temperature, token_chunk=self.token_chunk, vocab_chunk=self.vocab_chunk,
-        )  # fmt: skip
-
-    def score_fn(self):
-        """`(params, groups) -> (logp, entropy)` `[P, G, T]`, in `micro_batches` chunks of prompts."""
-
-        @jax.jit
-        def run(params, groups: Groups):
-            chunks = _split(groups, self.micro_batches)
-            logp, entropy = jax.lax.map(lambda g: self._score(params, g), chunks)
-            return _merge(logp), _merge(entropy)
-
-        return run
-
-    def prepare_fn(self):
-        """`(rewards, valid, groups, old_logp, entropy, lengths, truncated, ref_logp) -> (LossBatch, diagnostics)`."""
-
-        @jax.jit
-        def run(rewards, valid, groups: Groups, old_logp, entropy, lengths, truncated, ref_logp):
-            return prepare_batch(
-                self.loss_cfg, rewards=rewards, mask=groups.mask, old_logp=old_logp, entropy=entropy,
-                lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid,
-            )  # fmt: skip
-
-        return run
-
-    def update_fn(self):
-        """`(state, groups, loss_batch) -> (state, metrics)`: one optimiser step on a mini-batch."""
-
-        def loss_sum(params, groups: Groups, batch: LossBatch):
-            logp, _ = self._score(params, groups)
-            out = compute_loss(self.loss_cfg, logp, batch)
-            return out.loss_sum, (out.denominator, out.diagnostics)
-
-        grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
-
-        @jax.jit
-        def run(state: TrainState, groups: Groups, batch: LossBatch):
-            def accumulate(carry, micro):
-                grads, total, den, diag = carry
-                (value, (d, diagnostics)), g = grad_fn(state.params, *micro)
-                diag = diagnostics if diag is None else merge_diagnostics(diag, diagnostics)
-                return (jax.tree.map(jnp.add, grads, g), total + value, den + d, diag), None
-
-            micros = _split((groups, batch), self.micro_batches)
-            first = jax.tree.map(lambda x: x[0], micros)
-            (v0, (d0, diag0)), g0 = grad_fn(state.params, *first)
-            rest = jax.tree.map(lambda x: x[1:], micros)
-            (grads, total, den, diag), _ = jax.lax.scan(accumulate, (g0, v0, d0, diag0), rest)
-            scale = 1.0 / jnp.maximum(den, 1e-12)
-            grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-            grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(grad_norm) & jnp.isfinite(total)
-            # No loss token, or a gradient of exactly 0 (every group of the mini-batch uninformative
-            # without dynamic sampling): no signal, so no step (AdamW would still move the weights).
-            has_tokens = (den > 0) & (grad_norm > 0)
-            apply = finite & has_tokens
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-            new_state = state._replace(
-                params=keep(params, state.params),
-                opt_state=keep(opt_state, state.opt_state),
-                skipped=state.skipped + (~finite).astype(jnp.int32),
-            )
-            metrics = {"loss": total * scale, "grad_norm": grad_norm, "update_finite": finite.astype(jnp.float32),
-                       "empty_update": (~has_tokens).astype(jnp.float32)}  # fmt: skip
-            return new_state, metrics, diag
-
-        return run
+    # (params, groups) -> (logp, entropy) [P, G, T], in micro_batches chunks of prompts.
+    score: Callable
+    # (verdicts (rewards, valid, correct, informative), groups, lengths, truncated, old_logp, entropy, ref_logp)
+    #   -> (LossBatch, diagnostics)
+    prepare: Callable
+    # (state, groups, loss_batch) -> (state, metrics, diagnostics): one optimiser step on a mini-batch.
+    update: Callable
+    # (tree, start) -> one mini-batch of `(Groups, LossBatch)` rows, padded and split over the devices.
+    take: Callable
+    mini_batch_rows: int  # prompts per mini-batch
 
 
-def mini_batch_fn(mesh: Any, n: int, padded: int):
+def _split(tree: Any, n: int) -> Any:
+    """Leading axis `P` -> `[n, P / n]` (contiguous chunks of whole groups)."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _scorer(model: ModelDef, cfg: Config) -> Callable:
+    """`(params, groups) -> (logp, entropy)` of one chunk, unjitted."""
+    r, m = cfg.rollout, cfg.model
+
+    def run(params: Any, groups: Groups) -> tuple[jax.Array, jax.Array]:
+        return score(model.merge(params), groups.prompts, groups.prompt_valid, groups.tokens, groups.mask,
+                     temperature=r.temperature, token_chunk=m.token_chunk, vocab_chunk=m.vocab_chunk)  # fmt: skip
+
+    return run
+
+
+def _prepare_fn(cfg: Config) -> Callable:
+    @jax.jit
+    def prepare(verdicts, groups: Groups, lengths, finish, old_logp, entropy, ref_logp):
+        truncated = finish == 1
+        rewards, valid, correct, informative = verdicts
+        return prepare_batch(cfg.loss, rewards=rewards, mask=groups.mask, old_logp=old_logp, entropy=entropy,
+                             lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid)  # fmt: skip
+
+    return prepare
+
+
+def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransformation) -> Callable:
+    def loss_sum(params, groups: Groups, batch: LossBatch):
+        logp, _ = scorer(params, groups)
+        out = compute_loss(cfg.loss, logp, batch)
+        return out.loss_sum, (out.denominator, out.diagnostics)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def gradients(params, groups, batch):
+        """Sum of the micro-batches' gradients, loss sums and denominators, and their diagnostics."""
+
+        def accumulate(carry, micro):
+            grads, total, den, diag = carry
+            (value, (d, diagnostics)), g = grad_fn(params, *micro)
+            return (jax.tree.map(jnp.add, grads, g), total + value, den + d, merge_diagnostics(diag, diagnostics)), None
+
+        micros = _split((groups, batch), cfg.train.micro_batches)
+        (v0, (d0, diag0)), g0 = grad_fn(params, *jax.tree.map(lambda x: x[0], micros))
+        rest = jax.tree.map(lambda x: x[1:], micros)
+        return jax.lax.scan(accumulate, (g0, v0, d0, diag0), rest)[0]
+
+    @jax.jit
+    def update(state: TrainState, groups: Groups, batch: LossBatch):
+        grads, total, den, diag = gradients(state.params, groups, batch)
+        scale = 1.0 / jnp.maximum(den, 1e-12)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(total)
+        # No loss token, or a gradient of exactly 0 (every group of the mini-batch uninformative
+        # without dynamic sampling): no signal, so no step (AdamW would still move the weights).
+        has_tokens = (den > 0) & (grad_norm > 0)
+        apply = finite & has_tokens
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+        new_state = state._replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                                   skipped=state.skipped + (~finite).astype(jnp.int32))  # fmt: skip
+        metrics = {"loss": total * scale, "grad_norm": grad_norm, "update_finite": finite.astype(jnp.float32),
+                   "empty_update": (~has_tokens).astype(jnp.float32)}  # fmt: skip
+        return new_state, metrics, diag
+
+    return update
+
+
+def mini_batch_fn(mesh: Mesh, n: int, padded: int) -> Callable:
     """`(tree, start) -> rows [start, start + n)` of every leaf, padded to `padded` rows and laid
     out split over the mesh's batch axes (an eager slice would come back replicated on every
     device). Padding repeats real rows (finite activations) with a zero loss mask, so it adds
     nothing to the loss sums or denominators; `tree` is `(Groups, LossBatch)`."""
-    from gtpo_jax.models.sharding import rows_sharding
 
     @jax.jit
     def take(tree: Any, start: jax.Array) -> Any:
@@ -150,10 +156,38 @@ def mini_batch_fn(mesh: Any, n: int, padded: int):
     return take
 
 
-def _split(tree: Any, n: int) -> Any:
-    """Leading axis `P` -> `[n, P / n]` (contiguous chunks of whole groups)."""
-    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
+def step_fns(model: ModelDef, cfg: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> StepFns:
+    """The run's jitted step functions. Mini-batch rows are padded to a multiple of the mesh's
+    batch width (and of `micro_batches`), so they stay split over the devices."""
+    scorer, t = _scorer(model, cfg), cfg.train
+
+    @jax.jit
+    def score_all(params, groups: Groups):
+        logp, entropy = jax.lax.map(lambda g: scorer(params, g), _split(groups, t.micro_batches))
+        return _merge(logp), _merge(entropy)
+
+    n = t.prompts_per_step // t.mini_batches
+    multiple = int(np.lcm(batch_width(mesh), t.micro_batches))
+    take = mini_batch_fn(mesh, n, -(-n // multiple) * multiple)
+    return StepFns(score_all, _prepare_fn(cfg), _update_fn(scorer, cfg, optimizer), take, n)
 
 
-def _merge(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+def train_on(fns: StepFns, state: TrainState, groups: Groups, loss_batch: LossBatch, cfg: Config):
+    """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole):
+    `(state, metrics)`. A mini-batch without loss tokens takes no step; `empty_updates` counts them."""
+    t0, diag, metrics = time.time(), None, []
+    for _ in range(cfg.train.ppo_epochs):
+        for i in range(cfg.train.mini_batches):
+            mini = fns.take((groups, loss_batch), jnp.int32(i * fns.mini_batch_rows))
+            state, m, d = fns.update(state, *mini)
+            metrics.append(jax.device_get(m))
+            diag = d if diag is None else merge_diagnostics(diag, d)
+    jax.block_until_ready(state.params)
+    empty = int(sum(m["empty_update"] for m in metrics))
+    trained = [m for m in metrics if not m["empty_update"]]
+    if empty:
+        logging.warning("%d of %d optimiser updates had no loss tokens and were skipped", empty, len(metrics))
+    mean = lambda k: float(np.mean([float(m[k]) for m in trained])) if trained else float("nan")  # noqa: E731
+    return state, {**finalize_diagnostics(diag), "loss": mean("loss"), "grad_norm": mean("grad_norm"),
+                   "skipped_updates": float(state.skipped), "empty_updates": float(empty),
+                   "update_time_s": time.time() - t0}  # fmt: skip

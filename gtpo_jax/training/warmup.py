@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 from gtpo_jax.config import WarmupSection
+from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
-from gtpo_jax.rollout.sampler import pad_prompts
 from gtpo_jax.scoring import score
 
 

@@ -1,0 +1,147 @@
+"""Building a run once: `build(cfg, mesh, train=...) -> Run`, the frozen bundle every phase uses.
+
+A `Run` holds what does not change while a run goes on: the model's config and definition
+(graph + shape-only state; the parameters themselves live in the `TrainState`), the tokenizer
+and the prompt encoder, the row placement on the mesh, the sampling config, and, for training
+only, the optimizer and the jitted step functions. Evaluation builds a run with `train=False`:
+no optimizer, no Adam state, no step functions.
+
+The parameters come separately (`initial_params`: the checkpoint's weights or a random
+initialisation, created directly in their shardings), as do the records (`load_data`) and the
+reward pool (`reward_pool`, which first checks that the reward can work with the records).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.nnx as nnx
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from gtpo_jax.config import Config
+from gtpo_jax.data import tasks
+from gtpo_jax.data.pipeline import PipelineConfig, PromptPipeline
+from gtpo_jax.data.prompts import PromptEncoder
+from gtpo_jax.data.sources import read_records
+from gtpo_jax.data.tokenizer import Tokenizer, load_tokenizer
+from gtpo_jax.errors import ConfigError
+from gtpo_jax.models import presets
+from gtpo_jax.models.families import family
+from gtpo_jax.models.sharding import ModelDef, create_sharded
+from gtpo_jax.models.transformer import ModelConfig
+from gtpo_jax.models.weights import load_hf, read_config
+from gtpo_jax.parallel.mesh import mesh_from_config
+from gtpo_jax.parallel.placement import Placement
+from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.rewards.registry import check_reward, get_reward
+from gtpo_jax.rollout.sampler import SamplingConfig
+from gtpo_jax.training.state import make_optimizer
+from gtpo_jax.training.update import StepFns, step_fns
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run is made of, built once (see the module docstring)."""
+
+    cfg: Config
+    mesh: Mesh
+    model_cfg: ModelConfig
+    model: ModelDef  # graph + abstract state; `model.merge(params)` is the policy
+    tok: Tokenizer
+    encode: PromptEncoder  # record -> prompt token ids (cached)
+    place: Placement  # rows onto the mesh and back
+    sampling: SamplingConfig  # the rollout section + G, stop and pad tokens
+    optimizer: optax.GradientTransformation | None  # None when built for evaluation
+    fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
+    sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket) compiled so far
+
+    def note_sampler_shape(self, shape: tuple[int, ...]) -> None:
+        """Logs a sampler input shape seen for the first time (each one is a compilation)."""
+        if shape not in self.sampler_shapes:
+            self.sampler_shapes.add(shape)
+            logging.info("sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)", shape[0],
+                         shape[1], self.sampling.group_size, self.cfg.rollout.max_new_tokens,
+                         len(self.sampler_shapes))  # fmt: skip
+
+
+def _model_and_tokenizer(cfg: Config) -> tuple[ModelConfig, Tokenizer]:
+    m, t = cfg.model, cfg.tokenizer
+    dtypes = dict(param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+    if m.checkpoint:
+        model_cfg = read_config(m.checkpoint, **dtypes)
+        # The checkpoint's family decides the end-of-turn tokens, wherever the tokenizer lives.
+        stops = family(model_cfg.architecture).stop_tokens
+        tok = load_tokenizer(str(t.kind), t.path or m.checkpoint, stop_tokens=stops)
+        return model_cfg, tok
+    tok = load_tokenizer(str(t.kind), t.path)
+    # A randomly initialised model gets exactly the tokenizer's vocabulary.
+    return presets.get_preset(m.preset, vocab_size=tok.vocab_size, **dtypes), tok
+
+
+def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
+    """The run of `cfg` on `mesh` (default: the config's mesh); `train=False` for evaluation only."""
+    mesh = mesh or mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data)
+    model_cfg, tok = _model_and_tokenizer(cfg)
+    model = ModelDef.of(model_cfg)
+    t = cfg.tokenizer
+    encode = PromptEncoder(tok, template=str(t.chat_template), system_prompt=t.system_prompt,
+                           suffix=cfg.data.prompt_suffix)  # fmt: skip
+    sampling = SamplingConfig(cfg.rollout, cfg.loss.group_size, tuple(tok.stop_ids), tok.pad_id)
+    optimizer = fns = None
+    if train:
+        updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
+        optimizer = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
+        fns = step_fns(model, cfg, optimizer, mesh)
+    return Run(cfg, mesh, model_cfg, model, tok, encode, Placement(mesh), sampling, optimizer, fns)
+
+
+def initial_params(run: Run) -> Any:
+    """The policy's starting parameters, on the mesh: the checkpoint's weights, or a random init."""
+    m = run.cfg.model
+    if m.checkpoint:
+        policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype),
+                         remat=m.remat)  # fmt: skip
+    else:
+        policy = create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)
+    return nnx.to_pure_dict(nnx.state(policy))
+
+
+def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, held-out records) as the config names them."""
+    d = cfg.data
+    if d.source == "task":
+        common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=str(d.prompt_style), operations=d.operations)
+        return (tasks.generate(d.task, d.num_train, split="train", **common),
+                tasks.generate(d.task, d.num_test, split="test", **common))  # fmt: skip
+    if not d.path:
+        raise ConfigError(f"data.source={str(d.source)!r} needs data.path (a file, or the tfds builder name)")
+    train = list(read_records(str(d.source), d.path, str(d.fields), split="train"))
+    test = list(read_records(str(d.source), d.test_path, str(d.fields), split="test")) if d.test_path else []
+    return train, test
+
+
+def prompt_pipeline(cfg: Config, records: list[dict[str, Any]], encode: PromptEncoder) -> PromptPipeline:
+    """The training prompts, `train.prompts_per_step` a step, shuffled by `data.seed`, resumable.
+    Every process walks the same global order and holds the step's records (small text); the
+    rollout itself is split over the processes' devices (training/collect.py)."""
+    settings = PipelineConfig(batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed,
+                              max_prompt_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
+    return PromptPipeline(records, settings, prompt_tokens=lambda r: len(encode(r)))
+
+
+def reward_pool(cfg: Config, train: list[dict[str, Any]], test: list[dict[str, Any]]) -> RewardPool:
+    """The reward workers, after checking the reward takes its options and finds its fields in every
+    record: a reward that cannot work fails here, naming the field, instead of scoring every
+    response as a failure."""
+    r = cfg.reward
+    options = {"answer_pattern": r.answer_pattern} if r.answer_pattern else {}
+    options |= {k: v for k, v in (("strict", r.strict), ("rel_tol", r.rel_tol)) if v is not None}
+    where = cfg.data.path or f"task {cfg.data.task!r}"
+    named = [(f"{where} record {i + 1} (id {x.get('id')})", x) for i, x in enumerate(train)]
+    named += [(f"{cfg.data.test_path or where} held-out record {i + 1} (id {x.get('id')})", x)
+              for i, x in enumerate(test)]  # fmt: skip
+    check_reward(get_reward(r.name), options, named, prefix="reward")
+    return RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)

@@ -1,0 +1,84 @@
+"""Evaluation: avg@k and pass@k of a policy on held-out prompts, with the training verifiers.
+
+`avg@k` is the mean correctness of `k` samples per prompt (the paper's headline metric);
+`pass@k` uses the unbiased estimator `1 - C(n - c, k) / C(n, k)` over `n >= k` samples with `c`
+correct (Chen et al., 2021), here with `n = samples`. A sample whose reward errored, timed out
+or crashed counts as not solved, and their fraction is reported: a broken verifier shows, not a
+weak policy. The draws are a pure function of the run's seed (`eval_key`), so the start and the
+end of a run, and a later `python -m gtpo_jax.evaluate`, see the same prompts and random draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from gtpo_jax.rewards.pool import RewardPool
+from gtpo_jax.training.build import Run
+from gtpo_jax.training.collect import draw
+
+EVAL_STREAM = 1_000_003  # folded into the run's seed: evaluation draws apart from training's
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def eval_key(seed: int) -> jax.Array:
+    """The evaluation's key: the same prompts and draws at every evaluation of a run."""
+    return jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
+
+
+def evaluate_policy(
+    run: Run, params: Any, pool: RewardPool, records: Sequence[dict[str, Any]], key: jax.Array, *,
+    samples: int, temperature: float, chunk: int = 64,
+) -> dict[str, float]:  # fmt: skip
+    """`{"avg@k", "pass@1", "pass@k", "prompts", "reward_invalid_frac"}` over `records`, `k = samples`
+    (1 when greedy). Chunks are padded to a multiple of the mesh's batch width, so the prompts stay
+    split over the devices instead of being replicated on each, and compile once."""
+    k = 1 if temperature == 0 else samples
+    sampling = run.sampling._replace(rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature),
+                                     group_size=k)  # fmt: skip
+    chunk = run.place.padded_rows(min(chunk, len(records)))
+    correct_counts: list[int] = []
+    invalid = 0
+    for start in range(0, len(records), chunk):
+        part = list(records[start : start + chunk])
+        real = len(part)
+        part += [part[-1]] * (chunk - real)  # one compiled shape for every chunk
+        batch = draw(run, params, pool, part, jax.random.fold_in(key, start), sampling)
+        correct = ((batch.rewards > run.cfg.loss.success_threshold) & batch.valid)[:real]
+        invalid += int((~batch.valid)[:real].sum())
+        correct_counts += [int(c) for c in correct.sum(axis=1)]
+    n = len(correct_counts)
+    return {
+        f"avg@{k}": float(np.sum(correct_counts) / (n * k)),
+        "pass@1": float(np.mean([pass_at_k(k, c, 1) for c in correct_counts])),
+        f"pass@{k}": float(np.mean([pass_at_k(k, c, k) for c in correct_counts])),
+        "prompts": float(n),
+        "reward_invalid_frac": invalid / (n * k),
+    }
+
+
+def evaluate(
+    run: Run, params: Any, pool: RewardPool, records: Sequence[dict[str, Any]], *,
+    samples: int | None = None, num_prompts: int | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it);
+    `{}` when there are no held-out records."""
+    e = run.cfg.eval
+    records = list(records[: num_prompts or e.num_prompts])
+    if not records:
+        return {}
+    return evaluate_policy(run, params, pool, records, eval_key(run.cfg.train.seed), samples=samples or e.samples,
+                           temperature=e.temperature)  # fmt: skip
