@@ -18,8 +18,8 @@ from gtpo_jax.config import base_config
 LOSS_OVERRIDES = {
     "overlong_buffer_len": "DAPO's soft overlong punishment over the last 4096 tokens, for every algorithm",
     "overlong_penalty": "reaching -1 at the length limit (DAPO)",
-    "max_response_len": "the sampler's limit, 20480 new tokens",
 }
+# The limit itself, loss.max_response_len, is derived from rollout.max_new_tokens (20480).
 
 
 def get_config():
@@ -34,7 +34,7 @@ def get_config():
                      max_refill_rounds=3)  # fmt: skip
     c.reward.update(name="dapo", num_workers=32, timeout_s=10.0)
     # G = 16 is every recipe's default; the rest of the loss is the algorithm's recipe.
-    c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0, max_response_len=20480)
+    c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0)
     c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
     c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batches=8,
                    run_dir="runs/qwen2_5_7b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip

@@ -1,12 +1,23 @@
 """Run configs: overrides, errors that name the field, and proof that every field is read."""
 
+import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 from train_helpers import ROOT, load_config_file
 
-from gtpo_jax.config import ConfigError, base_config, check_overrides, from_config_dict, from_dict, to_dict
+from gtpo_jax.config import (
+    DERIVED_LOSS_FIELDS,
+    SECTIONS,
+    ConfigError,
+    base_config,
+    check_overrides,
+    from_config_dict,
+    from_dict,
+    to_dict,
+)
 from gtpo_jax.losses import LossConfig
 
 
@@ -91,9 +102,165 @@ def test_configs_set_only_documented_loss_fields_so_every_algorithm_gets_its_rec
     for algorithm in RECIPES:
         c.loss.algorithm = algorithm
         resolved = from_config_dict(c).loss
-        recipe = LossConfig(algorithm=algorithm, **{k: c.loss[k] for k in documented})
+        # Derived fields (loss.max_response_len) come from their section when the recipe reads them.
+        derived = {name: getattr(resolved, name) for name in DERIVED_LOSS_FIELDS if getattr(resolved, name) is not None}
+        assert derived == {name: c[s][f] for name, (s, f) in DERIVED_LOSS_FIELDS.items() if name in derived}
+        recipe = LossConfig(algorithm=algorithm, **{k: c.loss[k] for k in documented}, **derived)
         assert resolved == recipe
         plain = LossConfig(algorithm=algorithm)
         for name in LossConfig.__dataclass_fields__:
-            if name not in documented:
+            if name not in documented and name not in derived:
                 assert getattr(resolved, name) == getattr(plain, name), (path.name, algorithm, name)
+
+
+# (section, field, a bad value, what the message says after "section.field=value: ").
+BAD_VALUES = [
+    ("model", "param_dtype", "float16", "expected 'float32' or 'bfloat16'; did you mean 'bfloat16'?"),
+    ("model", "dtype", "fp32", "expected 'float32' or 'bfloat16'"),
+    ("model", "remat", 1, "expected true or false"),
+    ("model", "vocab_chunk", 0, "must be >= 1"),
+    ("model", "token_chunk", 0, "must be >= 1"),
+    ("tokenizer", "kind", "sentencepeice", "expected 'char', 'hf' or 'sentencepiece'; did you mean 'sentencepiece'?"),
+    ("tokenizer", "chat_template", "chat_ml", "expected 'chatml', 'plain' or 'raw'; did you mean 'chatml'?"),
+    ("data", "source", "json", "expected 'task', 'jsonl', 'parquet' or 'tfds'; did you mean 'jsonl'?"),
+    ("data", "fields", "gsm8", "expected 'gsm8k', 'math' or 'dapo'; did you mean 'gsm8k'?"),
+    ("data", "task", "countdwn", "expected 'arithmetic' or 'countdown'; did you mean 'countdown'?"),
+    ("data", "prompt_style", "compat", "expected 'instruction' or 'compact'; did you mean 'compact'?"),
+    ("data", "difficulty", 0, "must be >= 1"),
+    ("data", "num_train", 0, "must be >= 1"),
+    ("data", "num_test", 0, "must be >= 1"),
+    ("data", "operations", "+/", "expected a non-empty subset of '+-*'"),
+    ("data", "max_prompt_tokens", 0, "must be >= 1"),
+    ("rollout", "max_new_tokens", 0, "must be >= 1"),
+    ("rollout", "temperature", -0.5, "must be >= 0 (0 = greedy)"),
+    ("rollout", "top_k", -1, "must be >= 0 (0 = off)"),
+    ("rollout", "top_p", 1.5, "must be in (0, 1]"),
+    ("rollout", "top_p", 0.0, "must be in (0, 1]"),
+    ("rollout", "top_p", "high", "expected a number"),
+    ("rollout", "prompt_buckets", (), "must be a non-empty increasing list of lengths >= 1"),
+    ("rollout", "prompt_buckets", (64, 32), "must be a non-empty increasing list of lengths >= 1"),
+    ("rollout", "prompt_buckets", (16, "32"), "expected a list of integers"),
+    ("rollout", "max_refill_rounds", -1, "must be >= 0"),
+    ("reward", "num_workers", 0, "must be >= 1"),
+    ("reward", "timeout_s", 0.0, "must be > 0"),
+    ("reward", "max_invalid_frac", 1.5, "must be in [0, 1]"),
+    ("reward", "rel_tol", -1e-9, "must be >= 0"),
+    ("optim", "learning_rate", 0.0, "must be > 0"),
+    ("optim", "warmup_steps", -1, "must be >= 0"),
+    ("optim", "schedule", "cosin", "expected 'constant' or 'cosine'; did you mean 'cosine'?"),
+    ("optim", "weight_decay", -0.1, "must be >= 0"),
+    ("optim", "b1", 1.0, "must be in [0, 1)"),
+    ("optim", "b2", -0.1, "must be in [0, 1)"),
+    ("optim", "max_grad_norm", -1.0, "must be >= 0 (0 = off)"),
+    ("warmup", "steps", -1, "must be >= 0 (0 = off)"),
+    ("warmup", "batch_size", 0, "must be >= 1"),
+    ("warmup", "learning_rate", 0.0, "must be > 0"),
+    ("train", "steps", 0, "must be >= 1"),
+    ("train", "steps", 2.5, "expected an integer"),
+    ("train", "prompts_per_step", 0, "must be >= 1"),
+    ("train", "ppo_epochs", 0, "must be >= 1"),
+    ("train", "mini_batches", 0, "must be >= 1"),
+    ("train", "micro_batches", 0, "must be >= 1"),
+    ("train", "resume", "nevr", "expected 'auto' or 'never'; did you mean 'never'?"),
+    ("train", "run_dir", "", "must name a directory"),
+    ("train", "checkpoint_every", -1, "must be >= 0 (0 = only at the end)"),
+    ("train", "keep_checkpoints", 0, "must be >= 1"),
+    ("train", "log_every", 0, "must be >= 1"),
+    ("train", "stop_after", -1, "must be >= 0 (0 = no limit)"),
+    ("eval", "every", -1, "must be >= 0 (0 = only at start and end)"),
+    ("eval", "num_prompts", 0, "must be >= 1"),
+    ("eval", "samples", 0, "must be >= 1"),
+    ("eval", "temperature", -1.0, "must be >= 0 (0 = greedy)"),
+    ("mesh", "data", 0, "must be >= 1, or -1 (the rest)"),
+    ("mesh", "fsdp", -2, "must be >= 1, or -1 (the rest)"),
+    ("mesh", "tensor", 0, "must be >= 1, or -1 (the rest)"),
+    ("mesh", "data", -1, "at most one of data, fsdp, tensor may be -1"),  # fsdp is -1 by default
+    ("mesh", "dcn_data", 0, "must be >= 1"),
+    ("loss", "group_size", 0, "must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("section, field, value, what", BAD_VALUES, ids=lambda x: str(x)[:20])
+def test_a_bad_value_is_an_error_naming_the_field_as_the_user_wrote_it(section, field, value, what):
+    """Every check happens here, before sampler / pipeline / trainer see the value under another name."""
+    with pytest.raises(ConfigError) as e:
+        from_dict({section: {field: value}})
+    assert str(e.value) == f"{section}.{field}={value!r}: {what}"
+
+
+def test_checks_that_span_fields_name_the_field_to_change():
+    def error(values):
+        with pytest.raises(ConfigError) as e:
+            from_dict(values)
+        return str(e.value)
+
+    assert error({"data": {"source": "jsonl"}}) == (
+        "data.path='': data.source='jsonl' needs data.path (a file, or the tfds builder name)"
+    )
+    assert error({"data": {"max_prompt_tokens": 100}, "rollout": {"prompt_buckets": (32, 64)}}) == (
+        "data.max_prompt_tokens=100: must be <= the largest of rollout.prompt_buckets=[32, 64] "
+        "(a longer prompt fits no bucket)"
+    )
+    assert error({"rollout": {"max_new_tokens": 8}, "loss": {"overlong_buffer_len": 16}}).startswith(
+        "loss.overlong_buffer_len=16: must be <= rollout.max_new_tokens=8"
+    )
+    assert error({"train": {"prompts_per_step": 6, "mini_batches": 4}}).startswith("train.prompts_per_step=6: ")
+
+
+def test_modes_are_enums_parsed_from_plain_strings():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from gtpo_jax.config import Resume, Schedule, TokenizerKind
+
+    argv = ["prog", "--config.train.resume=never", "--config.optim.schedule=cosine", "--config.tokenizer.kind=hf"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", base_config(), flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    cfg = from_config_dict(flag_values.config)
+    assert (cfg.train.resume, cfg.optim.schedule, cfg.tokenizer.kind) == (Resume.NEVER, Schedule.COSINE, "hf")
+    assert cfg.train.resume == "never" and cfg.tokenizer.kind is TokenizerKind.HF
+    # A section built directly (dataclasses.replace in the trainer and tests) parses strings too.
+    assert dataclasses.replace(cfg.optim, schedule="constant").schedule is Schedule.CONSTANT
+    saved = to_dict(cfg)  # what a checkpoint stores: plain JSON
+    assert type(saved["train"]["resume"]) is str and json.loads(json.dumps(saved)) == saved
+    assert from_dict(saved) == cfg
+
+
+def test_enum_choices_match_what_the_data_code_accepts():
+    from gtpo_jax.config import ChatTemplate, FieldPreset, Task
+    from gtpo_jax.data.sources import PRESETS
+    from gtpo_jax.data.tasks import TASKS
+    from gtpo_jax.data.tokenizer import CHAT_TEMPLATES
+
+    assert set(Task) == set(TASKS) and set(FieldPreset) == set(PRESETS) and set(ChatTemplate) == set(CHAT_TEMPLATES)
+
+
+def test_the_response_length_limit_is_derived_not_set_twice():
+    limit = {"rollout": {"max_new_tokens": 12}}
+    assert from_dict(limit).loss.max_response_len is None  # no overlong shaping: not read, not set
+    shaped = from_dict({**limit, "loss": {"algorithm": "dapo", "overlong_buffer_len": 4}})
+    assert shaped.loss.max_response_len == 12 and to_dict(shaped)["loss"]["max_response_len"] == 12
+    assert from_dict({**limit, "loss": {"mask_truncated": True}}).loss.max_response_len == 12
+    with pytest.raises(ConfigError) as e:
+        from_dict({**limit, "loss": {"overlong_buffer_len": 4, "max_response_len": 12}})
+    assert str(e.value) == "loss.max_response_len=12: derived from rollout.max_new_tokens; set that instead"
+    c = load_config_file("configs/qwen2_5_7b_dapo_math.py")
+    c.rollout.max_new_tokens = 16384
+    assert from_config_dict(c).loss.max_response_len == 16384  # one setting moves both
+
+
+def test_placeholders_are_typed_from_the_annotations():
+    c = base_config()
+    types = {(s, k): c[s].get_type(k) for s in ("reward", "loss") for k in c[s] if c[s][k] is None}
+    assert types[("reward", "strict")] is bool and types[("reward", "rel_tol")] is float
+    assert types[("loss", "group_size")] is int and types[("loss", "eps_high")] is float
+    assert types[("loss", "loss_agg")] is str and types[("loss", "mask_truncated")] is bool
+
+
+def test_the_config_classes_carry_no_read_tracking():
+    """The "every field is read" test (test_trainer.py) records reads with tests/config_reads.py."""
+    import gtpo_jax.config as config
+
+    assert all(cls.__getattribute__ is object.__getattribute__ for cls in SECTIONS.values())
+    assert not {"track_reads", "_READS", "_Tracked"} & set(vars(config))

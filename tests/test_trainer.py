@@ -9,9 +9,10 @@ from dataclasses import replace
 import jax
 import numpy as np
 import pytest
+from config_reads import ConfigReads
 from train_helpers import cli, popen, tiny_config
 
-from gtpo_jax.config import section_fields, track_reads
+from gtpo_jax.config import section_fields
 from gtpo_jax.models.sharding import make_mesh
 from gtpo_jax.plot import plot
 from gtpo_jax.training.build import build, reward_pool
@@ -41,8 +42,9 @@ EXTRA = {"grpo": {"eval.every": 1, "train.ppo_epochs": 2, "train.mini_batches": 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s"])
 def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
-    cfg = tiny_config(tmp_path, **{"loss.algorithm": algorithm, **EXTRA.get(algorithm, {})})
-    with track_reads() as reads:
+    reads = ConfigReads()
+    cfg = reads.track(tiny_config(tmp_path, **{"loss.algorithm": algorithm, **EXTRA.get(algorithm, {})}))
+    with reads:
         trainer = Trainer(cfg)
         try:
             result = trainer.run()
@@ -50,11 +52,15 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
             trainer.close()
         if algorithm == "grpo":
             (tmp_path / "d.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
-            load_data(tiny_config(tmp_path, **{"data.source": "jsonl", "data.path": str(tmp_path / "d.jsonl"),
-                                               "data.test_path": str(tmp_path / "d.jsonl")}))  # fmt: skip
+            path = str(tmp_path / "d.jsonl")
+            load_data(reads.track(tiny_config(tmp_path, **{"data.source": "jsonl", "data.path": path,
+                                                           "data.test_path": path})))  # fmt: skip
             make_optimizer(replace(cfg.optim, schedule="cosine"), 10)
+            # reward.max_invalid_frac is read only when a step has invalid rewards (none in this run).
+            rates = {"reward_invalid_rate": 0.25, "reward_error_rate": 0.25, "reward_timeout_rate": 0.0}
+            trainer._check_reward_health({**rates, "reward_crash_rate": 0.0}, "")  # 25% <= 50%: a warning
     if algorithm == "grpo":
-        assert sorted(section_fields() - reads) == []
+        assert sorted(section_fields() - reads.fields) == []
         assert any("eval/avg@4" in r for r in _records(tmp_path) if r["step"] == 1)
         assert [p.name for p in plot(tmp_path)] == ["reward.png", "entropy.png", "length.png"]
     steps = [r for r in _records(tmp_path) if "loss" in r]
