@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "gtpo_jax"
 LAYERS = {
     "errors": 0,
     "ops": 1, "losses": 1, "rewards": 1, "models": 1,
-    "config": 2, "data": 2, "parallel": 2, "scoring": 2,
+    "config": 2, "config_sections": 2, "data": 2, "parallel": 2, "scoring": 2,
     "rollout": 3,
     "training": 4,
     "train": 5, "evaluate": 5, "compare": 5, "plot": 5,

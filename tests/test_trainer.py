@@ -17,6 +17,7 @@ from gtpo_jax.models.sharding import make_mesh
 from gtpo_jax.plot import plot
 from gtpo_jax.training.build import build, reward_pool
 from gtpo_jax.training.checkpoint import Checkpointer, abstract_params
+from gtpo_jax.training.collect import check_reward_health
 from gtpo_jax.training.evaluation import evaluate
 from gtpo_jax.training.loop import Trainer, load_data
 from gtpo_jax.training.state import make_optimizer
@@ -58,7 +59,7 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
             make_optimizer(replace(cfg.optim, schedule="cosine"), 10)
             # reward.max_invalid_frac is read only when a step has invalid rewards (none in this run).
             rates = {"reward_invalid_rate": 0.25, "reward_error_rate": 0.25, "reward_timeout_rate": 0.0}
-            trainer._check_reward_health({**rates, "reward_crash_rate": 0.0}, "")  # 25% <= 50%: a warning
+            check_reward_health({**rates, "reward_crash_rate": 0.0}, "", cfg.reward, 1)  # 25% <= 50%: a warning
     if algorithm == "grpo":
         assert sorted(section_fields() - reads.fields) == []
         assert any("eval/avg@4" in r for r in _records(tmp_path) if r["step"] == 1)
