@@ -138,12 +138,22 @@ def main() -> None:
         base = timed(lambda: sample_without_cache(model, tokens, valid, key, cfg), args.repeats)  # noqa: B023
         decoded = args.P * args.G * args.T
         record = {
-            "benchmark": "sampler_decode", "preset": name, "P": args.P, "G": args.G,
-            "prompt_len": args.prompt_len, "T": args.T, "decoded_tokens": decoded,
-            "kv_cache_s": ours, "kv_cache_tokens_per_s": decoded / ours,
-            "baseline": BASELINE, "baseline_s": base, "baseline_tokens_per_s": decoded / base,
-            "speedup_vs_baseline": base / ours, "backend": jax.default_backend(), "jax": jax.__version__,
-        }  # fmt: skip
+            "benchmark": "sampler_decode",
+            "preset": name,
+            "P": args.P,
+            "G": args.G,
+            "prompt_len": args.prompt_len,
+            "T": args.T,
+            "decoded_tokens": decoded,
+            "kv_cache_s": ours,
+            "kv_cache_tokens_per_s": decoded / ours,
+            "baseline": BASELINE,
+            "baseline_s": base,
+            "baseline_tokens_per_s": decoded / base,
+            "speedup_vs_baseline": base / ours,
+            "backend": jax.default_backend(),
+            "jax": jax.__version__,
+        }
         if args.tunix_python:
             record |= run_tunix(args.tunix_python, model, args.P * args.G, args.prompt_len, args.T, args.repeats)
             if "tunix_tokens_per_s" in record:

@@ -83,8 +83,16 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     decoded = sum(len(t) for t in tokens)
     seconds = statistics.median(times)
-    print(json.dumps({"tunix_s": seconds, "tunix_decoded_tokens": decoded, "tunix_tokens_per_s": decoded / seconds,
-                      "tunix_prompt_len": prompt_len}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "tunix_s": seconds,
+                "tunix_decoded_tokens": decoded,
+                "tunix_tokens_per_s": decoded / seconds,
+                "tunix_prompt_len": prompt_len,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

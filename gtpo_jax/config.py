@@ -163,8 +163,10 @@ def _loss(values: Mapping[str, Any], sections: Mapping[str, Any]) -> LossConfig:
             values[name] = getattr(sections[section], field)
     limit, buffer = values.get("max_response_len"), values.get("overlong_buffer_len")
     if limit and isinstance(buffer, int) and buffer > limit:
-        raise ConfigError(f"loss.overlong_buffer_len={buffer}: must be <= rollout.max_new_tokens={limit} "
-                          "(the penalty ramps up over the last overlong_buffer_len tokens of a response)")  # fmt: skip
+        raise ConfigError(
+            f"loss.overlong_buffer_len={buffer}: must be <= rollout.max_new_tokens={limit} "
+            "(the penalty ramps up over the last overlong_buffer_len tokens of a response)"
+        )
     try:
         return LossConfig.from_dict(values)
     except ValueError as e:  # a ConfigError, or a check of the loss module's own

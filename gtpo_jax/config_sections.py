@@ -177,8 +177,10 @@ class ModelSection(Section):
     token_chunk: int = 1024
 
     def _validate(self) -> None:
-        why = ("training needs float32 master parameters (bfloat16 ones lose updates smaller than their "
-               "rounding step); keep param_dtype='float32', set model.dtype='bfloat16' for bf16 compute")  # fmt: skip
+        why = (
+            "training needs float32 master parameters (bfloat16 ones lose updates smaller than their "
+            "rounding step); keep param_dtype='float32', set model.dtype='bfloat16' for bf16 compute"
+        )
         self._check(self.param_dtype == DType.FLOAT32, "param_dtype", why)
         self._at_least(1, "vocab_chunk", "token_chunk")
         self._check(bool(self.preset or self.checkpoint), "preset", "name a preset, or set model.checkpoint")
@@ -226,8 +228,11 @@ class DataSection(Section):
 
     def _validate(self) -> None:
         self._at_least(1, "difficulty", "num_train", "num_test", "max_prompt_tokens")
-        self._check(bool(self.operations) and not set(self.operations) - set("+-*"), "operations",
-                    "expected a non-empty subset of '+-*'")  # fmt: skip
+        self._check(
+            bool(self.operations) and not set(self.operations) - set("+-*"),
+            "operations",
+            "expected a non-empty subset of '+-*'",
+        )
         why = f"data.source={self.source.value!r} needs data.path (a file, or the tfds builder name)"
         self._check(self.source == DataSource.TASK or bool(self.path), "path", why)
 
@@ -252,8 +257,11 @@ class RolloutSection(Section):
         self._at_least(0, "top_k", why=" (0 = off)")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         b = self.prompt_buckets
-        self._check(len(b) > 0 and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:], strict=False)),
-                    "prompt_buckets", "must be a non-empty increasing list of lengths >= 1")  # fmt: skip
+        self._check(
+            len(b) > 0 and b[0] >= 1 and all(x < y for x, y in zip(b, b[1:], strict=False)),
+            "prompt_buckets",
+            "must be a non-empty increasing list of lengths >= 1",
+        )
         self._at_least(0, "max_refill_rounds")
 
 
@@ -350,9 +358,12 @@ class TrainSection(Section):
 
     def _validate(self) -> None:
         self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches", "micro_batches")
-        self._check(self.prompts_per_step % (self.mini_batches * self.micro_batches) == 0, "prompts_per_step",
-                    f"must split into mini_batches x micro_batches = {self.mini_batches} x {self.micro_batches} "
-                    "equal parts (groups are never split)")  # fmt: skip
+        self._check(
+            self.prompts_per_step % (self.mini_batches * self.micro_batches) == 0,
+            "prompts_per_step",
+            f"must split into mini_batches x micro_batches = {self.mini_batches} x {self.micro_batches} "
+            "equal parts (groups are never split)",
+        )
         self._check(bool(self.run_dir), "run_dir", "must name a directory")
         self._at_least(0, "checkpoint_every", why=" (0 = only at the end)")
         self._at_least(1, "keep_checkpoints", "log_every")

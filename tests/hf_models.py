@@ -35,11 +35,18 @@ def save_tiny(kind: str, directory: str, seed: int = 0):
         model = transformers.Qwen3ForCausalLM(cfg)
     elif kind == "gemma3":
         cfg = transformers.Gemma3TextConfig(
-            **(SIZES | {"num_hidden_layers": 3}), head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
-            layer_types=GEMMA3_LAYERS, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-        )  # fmt: skip
+            **(SIZES | {"num_hidden_layers": 3}),
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=GEMMA3_LAYERS,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        )
         model = transformers.Gemma3ForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(**SIZES, rope_theta=1e6, tie_word_embeddings=True, rms_norm_eps=1e-6)

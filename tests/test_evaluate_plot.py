@@ -20,8 +20,19 @@ def test_pass_at_k_unbiased_estimator_by_hand():
 
 
 def test_plot_writes_reward_entropy_and_length_pngs(tmp_path):
-    records = [{"step": s, "reward_mean": s / 10, "pass_rate": s / 10, "entropy_mean": 1.0 - s / 20, "entropy_pos": 1.0,
-                "entropy_neg": None, "len_mean": 3.0 + s, "len_max": 5.0 + s} for s in range(1, 6)]  # fmt: skip
+    records = [
+        {
+            "step": s,
+            "reward_mean": s / 10,
+            "pass_rate": s / 10,
+            "entropy_mean": 1.0 - s / 20,
+            "entropy_pos": 1.0,
+            "entropy_neg": None,
+            "len_mean": 3.0 + s,
+            "len_max": 5.0 + s,
+        }
+        for s in range(1, 6)
+    ]
     records.append({"step": 5, "eval/avg@4": 0.4})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     paths = plot(tmp_path)

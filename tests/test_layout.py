@@ -100,9 +100,12 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_no_module_imports_a_higher_layer():
-    upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
-              for a, targets in import_graph().items() for b in targets
-              if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a)]  # fmt: skip
+    upward = [
+        f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+        for a, targets in import_graph().items()
+        for b in targets
+        if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a)
+    ]
     assert upward == []
 
 
@@ -113,8 +116,10 @@ def _long_definitions() -> list[str]:
             limit = {ast.FunctionDef: MAX_FUNCTION_LINES, ast.AsyncFunctionDef: MAX_FUNCTION_LINES,
                      ast.ClassDef: MAX_CLASS_LINES}.get(type(node))  # fmt: skip
             if limit and node.end_lineno - node.lineno + 1 > limit:
-                out.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} "
-                           f"({node.end_lineno - node.lineno + 1} lines > {limit})")  # fmt: skip
+                out.append(
+                    f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} "
+                    f"({node.end_lineno - node.lineno + 1} lines > {limit})"
+                )
     return out
 
 
@@ -122,30 +127,53 @@ def test_no_long_functions_or_classes():
     assert _long_definitions() == []
 
 
-def _is_table(node: ast.AST) -> bool:
-    """A literal container (dict / list / tuple / set), possibly the argument of one call."""
-    if isinstance(node, ast.Dict | ast.List | ast.Tuple | ast.Set):
+def _is_data(node: ast.AST) -> bool:
+    """A literal: a constant (or negated constant), a container of literals, or a call whose
+    arguments are all literals (`dict(a=1, b=2)`, `_gemma3(34, 1024, vocab_size=262208)`)."""
+    if isinstance(node, ast.Constant):
         return True
-    return isinstance(node, ast.Call) and any(_is_table(a) for a in [*node.args, *(k.value for k in node.keywords)])
+    if isinstance(node, ast.UnaryOp):
+        return _is_data(node.operand)
+    if isinstance(node, ast.Dict):
+        return all(k is None or _is_data(k) for k in node.keys) and all(_is_data(v) for v in node.values)
+    if isinstance(node, ast.List | ast.Tuple | ast.Set):
+        return all(_is_data(e) for e in node.elts)
+    if isinstance(node, ast.Call):
+        return all(_is_data(a) for a in [*node.args, *(k.value for k in node.keywords)])
+    return isinstance(node, ast.Name | ast.Attribute)  # a named constant inside a table
+
+
+def _is_table(node: ast.AST | None) -> bool:
+    """A table: a literal container or a call holding literals only, laid out over several rows."""
+    return isinstance(node, ast.Dict | ast.List | ast.Tuple | ast.Set | ast.Call) and _is_data(node)
+
+
+def _fmt_skip_owners(text: str) -> list[tuple[int, ast.stmt | None]]:
+    """`(line, innermost statement)` of each `# fmt: skip` marker in code (not in strings)."""
+    statements = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.stmt)]
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.rstrip().endswith("# fmt: skip"):
+            continue
+        around = [s for s in statements if s.lineno <= number <= s.end_lineno]
+        out.append((number, min(around, key=lambda s: s.end_lineno - s.lineno) if around else None))
+    return out
 
 
 def test_fmt_skip_only_on_tables():
-    """`# fmt: skip` may only keep a table aligned: an assignment (or return) of a literal container."""
+    """`# fmt: skip` may only keep a table aligned: an assignment (or return) of literal data."""
     offenders = []
     for path in [*ROOT.rglob("*.py"), *ROOT.parent.glob("tests/*.py"), *ROOT.parent.glob("benchmarks/*.py")]:
-        text = path.read_text()
-        if "fmt: skip" not in text:
-            continue
-        statements = [n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.stmt)]
-        for number, line in enumerate(text.splitlines(), 1):
-            if "# fmt: skip" not in line:
-                continue
-            owner = min((s for s in statements if s.lineno <= number <= s.end_lineno),
-                        key=lambda s: s.end_lineno - s.lineno)  # fmt: skip
+        for number, owner in _fmt_skip_owners(path.read_text()):
             value = getattr(owner, "value", None)
             if not (isinstance(owner, ast.Assign | ast.AnnAssign | ast.Return | ast.Expr) and _is_table(value)):
                 offenders.append(f"{path.relative_to(ROOT.parent)}:{number}")
     assert offenders == [], f"{len(offenders)} `# fmt: skip` outside tables"
+
+
+def test_a_call_with_variables_is_not_a_table():
+    assert _is_table(ast.parse("dict(a=1, b=-2.0, c=(3, 'x'))").body[0].value)
+    assert not _is_table(ast.parse("f(x + 1, y=g(z))").body[0].value)
 
 
 @pytest.mark.parametrize("module", ["gtpo_jax.training.loop", "gtpo_jax.evaluate", "gtpo_jax.rewards.registry"])

@@ -243,14 +243,21 @@ def _as_transformers_reads_it(directory):
     full = rope.get("full_attention", rope)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     fields = dict(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
-        head_dim=head_dim, rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
-        tie_embeddings=outer.tie_word_embeddings, rope_theta=full["rope_theta"],
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_embeddings=outer.tie_word_embeddings,
+        rope_theta=full["rope_theta"],
         rope_linear_factor=full.get("factor", 1.0) if full.get("rope_type") == "linear" else 1.0,
         query_pre_attn_scalar=getattr(c, "query_pre_attn_scalar", None) or head_dim,
         layer_types=tuple(getattr(c, "layer_types", None) or ("full_attention",) * c.num_hidden_layers),
-    )  # fmt: skip
+    )
     if "sliding_attention" in rope:
         fields |= dict(rope_local_theta=rope["sliding_attention"]["rope_theta"], sliding_window=c.sliding_window)
     return fields

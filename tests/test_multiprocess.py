@@ -34,8 +34,12 @@ def _start(run_dir, logs, extra=(), **settings):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = []
     for pid in range(2):
-        args = cli(run_dir, **settings) + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                           f"--process_id={pid}", *extra]  # fmt: skip
+        args = cli(run_dir, **settings) + [
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={pid}",
+            *extra,
+        ]
         log = open(logs / f"proc{pid}.log", "w")
         procs.append(subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
     return procs
@@ -72,8 +76,10 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
     restored.close()
     # The same rollouts (rewards and lengths of every step agree exactly) and the same losses up to
     # float32 reduction order (gloo all-reduce across processes vs. in-process reductions).
-    metrics = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-               for r in (one, two)]  # fmt: skip
+    metrics = [
+        [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for r in (one, two)
+    ]
     for x, y in zip(*metrics, strict=True):
         assert (x["reward_mean"], x["len_mean"], x["informative_groups"]) == (
             y["reward_mean"],

@@ -58,8 +58,11 @@ def test_two_processes_get_disjoint_shards_that_cover_the_data():
 
 
 def test_long_prompts_are_filtered_counted_and_never_served():
-    p = PromptPipeline(RECORDS, PipelineConfig(batch_size=2, max_prompt_tokens=10, num_epochs=1),
-                       prompt_tokens=lambda r: len(r["prompt"]))  # fmt: skip
+    p = PromptPipeline(
+        RECORDS,
+        PipelineConfig(batch_size=2, max_prompt_tokens=10, num_epochs=1),
+        prompt_tokens=lambda r: len(r["prompt"]),
+    )
     served = sum(_ids(p), [])
     too_long = {r["id"] for r in RECORDS if len(r["prompt"]) > 10}
     assert p.stats == {"records": 53, "dropped_too_long": len(too_long), "kept": 53 - len(too_long)}

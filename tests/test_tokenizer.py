@@ -26,11 +26,17 @@ def test_sentencepiece_round_trip(tmp_path, questions):
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(questions[:150]), model_prefix=str(tmp_path / "sp"),
-        vocab_size=600, hard_vocab_limit=False,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, pad_id=3, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(questions[:150]),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=600,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        pad_id=3,
+        minloglevel=2,
+    )
     tok = SentencePieceTokenizer(tmp_path / "sp.model")
     # 600 is a ceiling: the synthetic fallback corpus (no shared data) supports fewer pieces.
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (3, 1, 2) and 256 < tok.vocab_size <= 600
@@ -54,8 +60,12 @@ def _bpe(questions, tmp_path):
     )  # fmt: skip
     bpe.train_from_iterator(questions[:150], trainer)
     bpe.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-              "chat_template": CHAT_TEMPLATES["chatml"]}  # fmt: skip
+    config = {
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATES["chatml"],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     _write_family(tmp_path, "tiny_qwen2")  # a Qwen2 (ChatML) checkpoint: stops at <|im_end|>, <|endoftext|>
     return HFTokenizer.from_dir(tmp_path)
@@ -166,10 +176,16 @@ def test_sentencepiece_stop_ids_include_the_familys_end_of_turn(tmp_path, questi
     from gtpo_jax.data.tokenizer import load_tokenizer
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(questions[:100]), model_prefix=str(tmp_path / "sp"), vocab_size=400,
-        hard_vocab_limit=False, model_type="bpe", byte_fallback=True, pad_id=3, minloglevel=2,
+        sentence_iterator=iter(questions[:100]),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        byte_fallback=True,
+        pad_id=3,
+        minloglevel=2,
         user_defined_symbols=["<end_of_turn>", "<|im_end|>"],
-    )  # fmt: skip
+    )
     plain = load_tokenizer("sentencepiece", str(tmp_path / "sp.model"))
     assert plain.stop_ids == (2,)  # no config.json beside it: eos alone
     _write_family(tmp_path, "tiny_gemma3")

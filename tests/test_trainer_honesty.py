@@ -77,8 +77,13 @@ def test_reward_errors_are_counted_and_left_out_of_the_loss(trainer):
     trainer.pool = RewardPool(RewardSpec("flaky", fails_on_odd_length, needs=()), num_workers=1)
     batch, _, loss_batch, stats = trainer.rollout()
     tokens, mask = np.asarray(batch.rollout.tokens), np.asarray(batch.rollout.mask)
-    odd = np.asarray([[len(trainer.built.tok.decode(tokens[p, g][mask[p, g]])) % 2 for g in range(tokens.shape[1])]
-                      for p in range(tokens.shape[0])], bool)  # fmt: skip
+    odd = np.asarray(
+        [
+            [len(trainer.built.tok.decode(tokens[p, g][mask[p, g]])) % 2 for g in range(tokens.shape[1])]
+            for p in range(tokens.shape[0])
+        ],
+        bool,
+    )
     assert 0 < odd.mean() < 1
     assert np.array_equal(batch.valid, ~odd)
     assert (
@@ -197,8 +202,16 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
         zeros = jnp.zeros((P, G, 2), jnp.int32)
         rollout = Rollout(zeros, zeros > 0, zeros.astype(jnp.float32), jnp.full((P, G), 2), jnp.asarray(truncated, int))
         prompts = jnp.ones((P, 1), jnp.int32)
-        return collect_lib.GroupBatch([{"prompt": str(i)} for i in range(P)], prompts, prompts > 0, rollout,
-                                      np.full((P, G), 2), truncated, rewards, np.zeros((P, G), np.int8))  # fmt: skip
+        return collect_lib.GroupBatch(
+            [{"prompt": str(i)} for i in range(P)],
+            prompts,
+            prompts > 0,
+            rollout,
+            np.full((P, G), 2),
+            truncated,
+            rewards,
+            np.zeros((P, G), np.int8),
+        )
 
     # Group 0 is mixed only through its truncated (correct) response; group 1 is really mixed.
     first = part(np.array([[1.0, 0, 0], [1, 0, 0]]), np.array([[True, False, False], [False] * 3]))
@@ -208,8 +221,9 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
     batches = iter([[{}, {}], [{}, {}]])
     cfg = from_dict({"loss": {"algorithm": "dapo", "group_size": 3, "mask_truncated": True},
                      "train": {"prompts_per_step": 2}, "rollout": {"max_refill_rounds": 1}})  # fmt: skip
-    run = SimpleNamespace(cfg=cfg, place=Placement(make_mesh(fsdp=1, devices=jax.devices()[:1])),
-                          tok=SimpleNamespace(pad_id=0))  # fmt: skip
+    run = SimpleNamespace(
+        cfg=cfg, place=Placement(make_mesh(fsdp=1, devices=jax.devices()[:1])), tok=SimpleNamespace(pad_id=0)
+    )
     batch, _, stats = collect_lib.collect(run, None, None, batches, jax.random.key(0))
     assert stats["sampling_rounds"] == 2 and stats["informative_groups"] == 2
     assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()

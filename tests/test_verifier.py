@@ -63,10 +63,18 @@ def test_no_case_comes_near_the_pool_time_limit(corpus_results):
 
 def test_rejections_say_why():
     gold = parse_answer("18")
-    for pred, reason in [("\\phantom{7}18", "\\phantom"), ("\\color{white}{7}18", "\\color"),
-                         ("18 \\text{ or } 17", "words"), ("18 or 17", "'or'"), ("18x", "variables x"),
-                         ("9^{9^{9^9}}", "tower"), ("18 % 17", "comment"), ("18 \\approx 17", "\\approx"),
-                         ("17 18", "side by side"), ("17\\text{ cm}+1", "middle")]:  # fmt: skip
+    for pred, reason in [
+        ("\\phantom{7}18", "\\phantom"),
+        ("\\color{white}{7}18", "\\color"),
+        ("18 \\text{ or } 17", "words"),
+        ("18 or 17", "'or'"),
+        ("18x", "variables x"),
+        ("9^{9^{9^9}}", "tower"),
+        ("18 % 17", "comment"),
+        ("18 \\approx 17", "\\approx"),
+        ("17 18", "side by side"),
+        ("17\\text{ cm}+1", "middle"),
+    ]:
         with pytest.raises(Rejected, match=reason.replace("\\", "\\\\")):
             parse_answer(pred, gold)
     with pytest.raises(Rejected, match="variable = value"):
@@ -92,9 +100,15 @@ def _records(path: pathlib.Path, every: int = 1) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "name, every", [("gsm8k/test.jsonl", 4), ("math500/test.jsonl", 1), ("aime24/test.jsonl", 1),
-                    ("aime25/test.jsonl", 1), ("dapo_math_17k/train.jsonl", 60)],
-)  # fmt: skip
+    "name, every",
+    [
+        ("gsm8k/test.jsonl", 4),
+        ("math500/test.jsonl", 1),
+        ("aime24/test.jsonl", 1),
+        ("aime25/test.jsonl", 1),
+        ("dapo_math_17k/train.jsonl", 60),
+    ],
+)
 def test_each_dataset_gold_answer_boxed_scores_one(name, every):
     records = _records(DATA / name, every)
     start = time.monotonic()

@@ -73,8 +73,11 @@ class PromptPipeline:
         if dropped:
             logging.warning(
                 "data: dropped %d of %d prompts longer than max_prompt_tokens=%d (first ids: %s)",
-                len(dropped), len(records), cfg.max_prompt_tokens, [r["id"] for r in dropped[:5]],
-            )  # fmt: skip
+                len(dropped),
+                len(records),
+                cfg.max_prompt_tokens,
+                [r["id"] for r in dropped[:5]],
+            )
         self.stats = {"records": len(records), "dropped_too_long": len(dropped), "kept": len(kept)}
         shard = grain.MapDataset.source(kept)[process_index::process_count]
         self.shard_size = len(shard)

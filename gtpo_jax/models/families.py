@@ -198,12 +198,14 @@ def _write_gemma3(cfg: ModelConfig) -> dict:
         "layer_types": list(cfg.layer_types),
         "sliding_window": cfg.sliding_window or None,
         "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
-        "rope_parameters": {"full_attention": full,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        "rope_parameters": {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+        },
         "final_logit_softcapping": None,
         "attn_logit_softcapping": None,
         "attention_bias": False,
-    }  # fmt: skip
+    }
 
 
 def _gguf_gemma3(field: Callable[[str, Any], Any]) -> dict:
@@ -235,41 +237,76 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            name="llama", hf_architecture="LlamaForCausalLM", hf_model_types=("llama",), switches=_SWITCHES,
-            block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
-            read_config=_read_llama, write_config=lambda cfg: {"attention_bias": False, "mlp_bias": False},
+            name="llama",
+            hf_architecture="LlamaForCausalLM",
+            hf_model_types=("llama",),
+            switches=_SWITCHES,
+            block_norms=_PRE_NORMS,
+            activation_key="hidden_act",
+            hf_activation="silu",
+            read_config=_read_llama,
+            write_config=lambda cfg: {"attention_bias": False, "mlp_bias": False},
             hf_defaults=_HF_DEFAULTS_LLAMA,
-            stop_tokens=("<|eot_id|>", "<|im_end|>"), gguf_rotary_permuted=True,
+            stop_tokens=("<|eot_id|>", "<|im_end|>"),
+            gguf_rotary_permuted=True,
         ),
         Family(
-            name="qwen2", hf_architecture="Qwen2ForCausalLM", hf_model_types=("qwen2",),
+            name="qwen2",
+            hf_architecture="Qwen2ForCausalLM",
+            hf_model_types=("qwen2",),
             switches=_SWITCHES | {"qkv_bias": True},
-            block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
-            read_config=_read_qwen, write_config=lambda cfg: {}, stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            block_norms=_PRE_NORMS,
+            activation_key="hidden_act",
+            hf_activation="silu",
+            read_config=_read_qwen,
+            write_config=lambda cfg: {},
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
             hf_defaults=_HF_DEFAULTS_QWEN2,
         ),
         Family(
-            name="qwen3", hf_architecture="Qwen3ForCausalLM", hf_model_types=("qwen3",),
+            name="qwen3",
+            hf_architecture="Qwen3ForCausalLM",
+            hf_model_types=("qwen3",),
             switches=_SWITCHES | {"qk_norm": True},
-            block_norms=_PRE_NORMS, activation_key="hidden_act", hf_activation="silu",
-            read_config=_read_qwen, write_config=lambda cfg: {"attention_bias": False},
-            stop_tokens=("<|im_end|>", "<|endoftext|>"), hf_defaults=_HF_DEFAULTS_QWEN3,
+            block_norms=_PRE_NORMS,
+            activation_key="hidden_act",
+            hf_activation="silu",
+            read_config=_read_qwen,
+            write_config=lambda cfg: {"attention_bias": False},
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            hf_defaults=_HF_DEFAULTS_QWEN3,
         ),
         Family(
-            name="gemma3", hf_architecture="Gemma3ForCausalLM", hf_model_types=("gemma3_text", "gemma3"),
-            switches=_SWITCHES | {"qk_norm": True, "norm_plus_one": True, "post_norms": True, "scale_embeddings": True,
-                      "activation": "gelu_tanh"},
-            block_norms=_SANDWICH_NORMS, activation_key="hidden_activation", hf_activation="gelu_pytorch_tanh",
-            read_config=_read_gemma3, write_config=_write_gemma3, stop_tokens=("<end_of_turn>",),
+            name="gemma3",
+            hf_architecture="Gemma3ForCausalLM",
+            hf_model_types=("gemma3_text", "gemma3"),
+            switches=_SWITCHES
+            | {
+                "qk_norm": True,
+                "norm_plus_one": True,
+                "post_norms": True,
+                "scale_embeddings": True,
+                "activation": "gelu_tanh",
+            },
+            block_norms=_SANDWICH_NORMS,
+            activation_key="hidden_activation",
+            hf_activation="gelu_pytorch_tanh",
+            read_config=_read_gemma3,
+            write_config=_write_gemma3,
+            stop_tokens=("<end_of_turn>",),
             hf_defaults=_HF_DEFAULTS_GEMMA3,
-            hf_wrapped=(("model.language_model.", "lm_head.weight"),  # transformers 5.x
-                        ("language_model.model.", "language_model.lm_head.weight")),  # 4.x, the Hub's files
-            gguf_block=_GGUF_GEMMA_BLOCK, gguf_norm_shift=1.0, gguf_read_config=_gguf_gemma3,
+            hf_wrapped=(
+                ("model.language_model.", "lm_head.weight"),  # transformers 5.x
+                ("language_model.model.", "language_model.lm_head.weight"),
+            ),  # 4.x, the Hub's files
+            gguf_block=_GGUF_GEMMA_BLOCK,
+            gguf_norm_shift=1.0,
+            gguf_read_config=_gguf_gemma3,
             gguf_required=("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.key_length"),
             chat_template=GEMMA_CHAT_TEMPLATE,
         ),
     )
-}  # fmt: skip
+}
 
 
 if tuple(FAMILIES) != ARCHITECTURES:  # the decoder's list and this table describe the same families

@@ -156,8 +156,11 @@ def load_hf(
         other = [k for k in unused if not k.startswith(text_prefix) and k != rename("lm_head.weight")]
         logging.warning(
             "%s: multimodal checkpoint: its text model is loaded, its %d vision tower / projector tensors are "
-            "not loaded (e.g. %s)", directory, len(other), other[:2],
-        )  # fmt: skip
+            "not loaded (e.g. %s)",
+            directory,
+            len(other),
+            other[:2],
+        )
         unused = [k for k in unused if k not in other]
     if unused and not (cfg.tie_embeddings and unused == [rename("lm_head.weight")]):
         logging.warning("%s: %d checkpoint tensors not used, e.g. %s", directory, len(unused), unused[:3])

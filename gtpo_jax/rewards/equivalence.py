@@ -41,10 +41,12 @@ _RATIONAL = [
     (re.compile(rf"(-?)({_NUMBER})"), lambda m: Fraction(m.group(2))),
     (re.compile(rf"(-?)\\frac\{{(-?{_NUMBER})\}}\{{(-?{_NUMBER})\}}"), lambda m: _div(m.group(2), m.group(3))),
     (re.compile(rf"(-?)\(?({_NUMBER})\s*/\s*({_NUMBER})\)?"), lambda m: _div(m.group(2), m.group(3))),
-    (re.compile(rf"(-?)(\d+)\s*\\frac\{{(\d+)\}}\{{(\d+)\}}"),  # noqa: F541
-     lambda m: Fraction(m.group(2)) + _div(m.group(3), m.group(4))),  # mixed number 1\frac{4}{5}
+    (
+        re.compile(rf"(-?)(\d+)\s*\\frac\{{(\d+)\}}\{{(\d+)\}}"),  # noqa: F541
+        lambda m: Fraction(m.group(2)) + _div(m.group(3), m.group(4)),
+    ),  # mixed number 1\frac{4}{5}
     (re.compile(r"(-?)(\d*)\.(\d*)\\overline\{(\d{1,20})\}"), lambda m: _repeating(*m.group(2, 3, 4))),
-]  # fmt: skip
+]
 
 
 def latex_parse(answer: str, timeout_s: int = 3) -> list:

@@ -62,9 +62,14 @@ class Run:
         """Logs a sampler input shape seen for the first time (each one is a compilation)."""
         if shape not in self.sampler_shapes:
             self.sampler_shapes.add(shape)
-            logging.info("sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)", shape[0],
-                         shape[1], self.sampling.group_size, self.cfg.rollout.max_new_tokens,
-                         len(self.sampler_shapes))  # fmt: skip
+            logging.info(
+                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)",
+                shape[0],
+                shape[1],
+                self.sampling.group_size,
+                self.cfg.rollout.max_new_tokens,
+                len(self.sampler_shapes),
+            )
 
 
 def _model_and_tokenizer(cfg: Config) -> tuple[ModelConfig, Tokenizer]:
@@ -141,7 +146,8 @@ def reward_pool(cfg: Config, train: list[dict[str, Any]], test: list[dict[str, A
     options |= {k: v for k, v in (("strict", r.strict), ("rel_tol", r.rel_tol)) if v is not None}
     where = cfg.data.path or f"task {cfg.data.task!r}"
     named = [(f"{where} record {i + 1} (id {x.get('id')})", x) for i, x in enumerate(train)]
-    named += [(f"{cfg.data.test_path or where} held-out record {i + 1} (id {x.get('id')})", x)
-              for i, x in enumerate(test)]  # fmt: skip
+    named += [
+        (f"{cfg.data.test_path or where} held-out record {i + 1} (id {x.get('id')})", x) for i, x in enumerate(test)
+    ]
     check_reward(get_reward(r.name), options, named, prefix="reward")
     return RewardPool(r.name, num_workers=r.num_workers, timeout_s=r.timeout_s, options=options)

@@ -42,8 +42,13 @@ def abstract_params(model: ModelDef, mesh: Mesh) -> Any:
     """Shape, dtype and sharding of each parameter of `model` on `mesh`: a restore target that
     allocates nothing."""
     shardings = param_shardings(model.abstract, mesh)
-    shapes = nnx.to_pure_dict(jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), model.abstract,
-                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))  # fmt: skip
+    shapes = nnx.to_pure_dict(
+        jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+            model.abstract,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 

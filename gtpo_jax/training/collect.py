@@ -79,9 +79,11 @@ def check_reward_health(stats: dict[str, float], first_error: str, r: RewardSect
     rate = stats["reward_invalid_rate"]
     if rate == 0:
         return
-    what = (f"{100 * rate:.1f}% of the step's sampled responses have no valid reward (errors "
-            f"{100 * stats['reward_error_rate']:.1f}%, timeouts {100 * stats['reward_timeout_rate']:.1f}% at "
-            f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)")  # fmt: skip
+    what = (
+        f"{100 * rate:.1f}% of the step's sampled responses have no valid reward (errors "
+        f"{100 * stats['reward_error_rate']:.1f}%, timeouts {100 * stats['reward_timeout_rate']:.1f}% at "
+        f"reward.timeout_s={r.timeout_s}, crashes {100 * stats['reward_crash_rate']:.1f}%)"
+    )
     error = f"; first error: {first_error}" if first_error else ""
     if rate > r.max_invalid_frac:
         raise RewardHealthError(
@@ -137,9 +139,13 @@ def score_rollout(
 
 
 def draw(
-    run: Run, params: Any, pool: RewardPool, records: list[dict[str, Any]], key: jax.Array,
+    run: Run,
+    params: Any,
+    pool: RewardPool,
+    records: list[dict[str, Any]],
+    key: jax.Array,
     sampling: SamplingConfig | None = None,
-) -> GroupBatch:  # fmt: skip
+) -> GroupBatch:
     """Pads and places the records' prompts once, draws G responses for each, and scores them."""
     ids = [run.encode(r) for r in records]
     tokens, valid = pad_prompts(ids, run.cfg.rollout.prompt_buckets, run.tok.pad_id)
@@ -148,8 +154,9 @@ def draw(
     rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling or run.sampling))
     lengths, finish = gather_rows((rollout.lengths, rollout.finish_reason))
     rewards, status, first_error = score_rollout(rollout, records, run.tok, pool)
-    return GroupBatch(records, prompts, prompt_valid, rollout, lengths, finish == FINISH_LENGTH, rewards, status,
-                      first_error)  # fmt: skip
+    return GroupBatch(
+        records, prompts, prompt_valid, rollout, lengths, finish == FINISH_LENGTH, rewards, status, first_error
+    )
 
 
 def _fit(x: jax.Array, width: int, fill: Any) -> jax.Array:
@@ -178,8 +185,16 @@ def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]
     prompts, valid, rollout = run.place.as_rows(_take_rows(device, jnp.asarray(flat), width, run.tok.pad_id))
     pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
     records = sum((p.records for p in parts), [])
-    return GroupBatch([records[i] for i in flat], prompts, valid, rollout, pick("lengths"), pick("truncated"),
-                      pick("rewards"), pick("status"))  # fmt: skip
+    return GroupBatch(
+        [records[i] for i in flat],
+        prompts,
+        valid,
+        rollout,
+        pick("lengths"),
+        pick("truncated"),
+        pick("rewards"),
+        pick("status"),
+    )
 
 
 def spread_fillers(kept: list, fillers: list, num_prompts: int, mini_batches: int) -> list:
@@ -232,11 +247,18 @@ def collect(
         if len(kept) >= num_prompts:
             break
     if len(kept) < num_prompts:
-        logging.info("dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
-                     len(kept), rounds + 1, num_prompts - len(kept))  # fmt: skip
+        logging.info(
+            "dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
+            len(kept),
+            rounds + 1,
+            num_prompts - len(kept),
+        )
     batch = select(run, parts, spread_fillers(kept, spare, num_prompts, cfg.train.mini_batches))
     batch.first_error = next((p.first_error for p in parts if p.first_error), "")
-    stats = {"sampling_rounds": float(rounds + 1), "prompts_sampled": float(sampled),
-             "informative_groups": float(min(len(kept), num_prompts) if dynamic else num_prompts),
-             **sampling_stats(parts, cfg.loss.success_threshold)}  # fmt: skip
+    stats = {
+        "sampling_rounds": float(rounds + 1),
+        "prompts_sampled": float(sampled),
+        "informative_groups": float(min(len(kept), num_prompts) if dynamic else num_prompts),
+        **sampling_stats(parts, cfg.loss.success_threshold),
+    }
     return batch, verdicts(batch, **rule), stats

@@ -40,9 +40,16 @@ def eval_key(seed: int) -> jax.Array:
 
 
 def evaluate_policy(
-    run: Run, params: Any, pool: RewardPool, records: Sequence[dict[str, Any]], key: jax.Array, *,
-    samples: int, temperature: float, chunk: int = 64,
-) -> dict[str, float]:  # fmt: skip
+    run: Run,
+    params: Any,
+    pool: RewardPool,
+    records: Sequence[dict[str, Any]],
+    key: jax.Array,
+    *,
+    samples: int,
+    temperature: float,
+    chunk: int = 64,
+) -> dict[str, float]:
     """`{"avg@k", "pass@1", "pass@k", "prompts", "reward_invalid_frac"}` over `records`, `k = samples`
     (1 when greedy). Chunks are padded to a multiple of the mesh's batch width, so the prompts stay
     split over the devices instead of being replicated on each, and compile once."""
@@ -71,14 +78,26 @@ def evaluate_policy(
 
 
 def evaluate(
-    run: Run, params: Any, pool: RewardPool, records: Sequence[dict[str, Any]], *,
-    samples: int | None = None, num_prompts: int | None = None,
-) -> dict[str, float]:  # fmt: skip
+    run: Run,
+    params: Any,
+    pool: RewardPool,
+    records: Sequence[dict[str, Any]],
+    *,
+    samples: int | None = None,
+    num_prompts: int | None = None,
+) -> dict[str, float]:
     """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it);
     `{}` when there are no held-out records."""
     e = run.cfg.eval
     records = list(records[: num_prompts or e.num_prompts])
     if not records:
         return {}
-    return evaluate_policy(run, params, pool, records, eval_key(run.cfg.train.seed), samples=samples or e.samples,
-                           temperature=e.temperature)  # fmt: skip
+    return evaluate_policy(
+        run,
+        params,
+        pool,
+        records,
+        eval_key(run.cfg.train.seed),
+        samples=samples or e.samples,
+        temperature=e.temperature,
+    )

@@ -218,8 +218,10 @@ class Trainer:
         self.metrics.message(f"final: held-out {_fmt(final)}")
         if start:
             key = next(k for k in final if k.startswith("avg@"))
-            self.metrics.message(f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% "
-                                 f"after {step} steps ({100 * (final[key] - start[key]):+.1f} points)")  # fmt: skip
+            self.metrics.message(
+                f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% "
+                f"after {step} steps ({100 * (final[key] - start[key]):+.1f} points)"
+            )
         return {"start_eval": start, "final_eval": final, "skipped_updates": int(self.state.skipped)}
 
     def close(self) -> None:

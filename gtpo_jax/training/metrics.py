@@ -69,8 +69,10 @@ class MetricsWriter:
         width = 20
         filled = int(width * step / max(self.total, 1))
         values = "  ".join(f"{k} {record[k]:.3g}" for k in keys if k in record)
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}%"
-                f"  elapsed {_fmt_time(elapsed)}  eta {_fmt_time(eta)}  {values}")  # fmt: skip
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}%"
+            f"  elapsed {_fmt_time(elapsed)}  eta {_fmt_time(eta)}  {values}"
+        )
         if self._tty:  # one line redrawn in place; a newline every 10% keeps a trace in the scrollback
             keep = step == self.total or step % max(self.total // 10, 1) == 0
             print(f"\r\033[K{line}", end="\n" if keep else "", file=self.stream, flush=True)

@@ -128,10 +128,17 @@ def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransform
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-        new_state = state._replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                                   skipped=state.skipped + (~finite).astype(jnp.int32))  # fmt: skip
-        metrics = {"loss": total * scale, "grad_norm": grad_norm, "update_finite": finite.astype(jnp.float32),
-                   "empty_update": (~has_tokens).astype(jnp.float32)}  # fmt: skip
+        new_state = state._replace(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": total * scale,
+            "grad_norm": grad_norm,
+            "update_finite": finite.astype(jnp.float32),
+            "empty_update": (~has_tokens).astype(jnp.float32),
+        }
         return new_state, metrics, diag
 
     return update
@@ -188,6 +195,11 @@ def train_on(fns: StepFns, state: TrainState, groups: Groups, loss_batch: LossBa
     if empty:
         logging.warning("%d of %d optimiser updates had no loss tokens and were skipped", empty, len(metrics))
     mean = lambda k: float(np.mean([float(m[k]) for m in trained])) if trained else float("nan")  # noqa: E731
-    return state, {**finalize_diagnostics(diag), "loss": mean("loss"), "grad_norm": mean("grad_norm"),
-                   "skipped_updates": float(state.skipped), "empty_updates": float(empty),
-                   "update_time_s": time.time() - t0}  # fmt: skip
+    return state, {
+        **finalize_diagnostics(diag),
+        "loss": mean("loss"),
+        "grad_norm": mean("grad_norm"),
+        "skipped_updates": float(state.skipped),
+        "empty_updates": float(empty),
+        "update_time_s": time.time() - t0,
+    }
