@@ -2,8 +2,8 @@
 
 Layout: `P` prompts, each with a group of `G` responses padded to `T` tokens.
 `rewards` is `[P, G]`, `mask` and `entropy` are `[P, G, T]`. `O+` is the set of responses of
-a group whose reward is above `success_threshold`, `O-` the rest. Formulas follow
-`shared/spec/algorithms.md` (equation numbers of arXiv 2508.04349 v6).
+a group whose reward is above `success_threshold`, `O-` the rest. Formulas and the choices
+the paper leaves open: docs/algorithms.md (equation numbers of arXiv 2508.04349 v6).
 
 Every function here is pure and jit-able (modes and hyperparameters are static Python
 values), treats `rewards`, `entropy` and `mask` as constants (no gradient flows into them),
@@ -24,17 +24,19 @@ Two optional `[P, G]` inputs reach every estimator the same way:
 - `penalty` (<= 0): DAPO's overlong penalty of each response. It lowers the reward of correct
   *and* wrong responses alike: GRPO/DAPO use `r_i + penalty_i`; GTPO's Eq. 3 uses
   `alpha1 * (r_i + penalty_i)` and Eq. 5 `alpha1 * (-1 + penalty_j)` in place of `-alpha1`;
-  GRPO-S's Eq. 9 likewise with `beta1` (README, "The loss module").
+  GRPO-S's Eq. 9 likewise with `beta1` (docs/algorithms.md, "The overlong penalty").
+
+Keyword defaults come from `config.BASE_DEFAULTS`, the one place default values are written.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from gtpo_jax.losses.config import BASE_DEFAULTS, GRPOSNorm, GTPONorm, NormScope
 from gtpo_jax.losses.groups import (  # noqa: F401  (public names of this module too)
     as_constant,
     informative_from_sets,
@@ -53,34 +55,12 @@ from gtpo_jax.losses.stats import (
 )
 
 
-class GTPONorm(enum.StrEnum):
-    """How GTPO normalises the shaped token rewards of O+ and O- (Eq. 6)."""
-
-    PAPER = "paper"  # each set's statistics over all valid tokens, 0 on the other set's tokens
-    OWN_SET = "own_set"  # each set's statistics over its own tokens only
-    JOINT = "joint"  # one mean/std over both sets' shaped rewards
-
-
-class NormScope(enum.StrEnum):
-    """Which tokens GTPO's normalisation statistics are taken over."""
-
-    GROUP = "group"  # per prompt (default)
-    BATCH = "batch"  # over every informative group of the batch
-
-
-class GRPOSNorm(enum.StrEnum):
-    """How GRPO-S normalises the shaped sequence rewards."""
-
-    PAPER = "paper"  # separately for O+ and O-, over all G responses with 0 on the other set
-    JOINT = "joint"  # one mean/std over all G shaped rewards
-
-
 def grpo_advantages(
     rewards: Float[ArrayLike, "P G"],
     mask: ArrayLike,
     *,
-    scale_rewards: bool = True,
-    eps: float = 1e-6,
+    scale_rewards: bool = BASE_DEFAULTS["scale_rewards"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
@@ -161,9 +141,9 @@ def gtpo_token_rewards_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    eps: float = 1e-6,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
@@ -184,10 +164,10 @@ def gtpo_token_rewards(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
 ) -> Float[Array, "P G T"]:
     """`gtpo_token_rewards_from_sets` with O+ decided by `rewards > success_threshold`."""
     correct = success_sets(rewards, success_threshold=success_threshold)
@@ -200,11 +180,11 @@ def gtpo_advantages_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    eps: float = 1e-6,
-    norm: GTPONorm | str = GTPONorm.PAPER,
-    scope: NormScope | str = NormScope.GROUP,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GTPONorm | str = BASE_DEFAULTS["gtpo_norm"],
+    scope: NormScope | str = BASE_DEFAULTS["norm_scope"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
@@ -263,12 +243,12 @@ def gtpo_advantages(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
-    norm: GTPONorm | str = "paper",
-    scope: NormScope | str = "group",
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GTPONorm | str = BASE_DEFAULTS["gtpo_norm"],
+    scope: NormScope | str = BASE_DEFAULTS["norm_scope"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
@@ -301,9 +281,9 @@ def grpo_s_sequence_rewards_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    eps: float = 1e-6,
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
@@ -342,10 +322,10 @@ def grpo_s_advantages_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    eps: float = 1e-6,
-    norm: GRPOSNorm | str = GRPOSNorm.PAPER,
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GRPOSNorm | str = BASE_DEFAULTS["grpo_s_norm"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
@@ -378,11 +358,11 @@ def grpo_s_advantages(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
-    norm: GRPOSNorm | str = "paper",
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GRPOSNorm | str = BASE_DEFAULTS["grpo_s_norm"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:

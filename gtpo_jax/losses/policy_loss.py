@@ -17,36 +17,14 @@ Pieces, each a small pure function:
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from gtpo_jax.losses.config import BASE_DEFAULTS, KLEstimator, LossAgg, RatioLevel
 from gtpo_jax.losses.stats import Diagnostics, MaxStat, MeanStat, MinStat, float_dtype, parse_enum
-
-
-class LossAgg(enum.StrEnum):
-    """How per-token losses become one number (its denominator is in the name)."""
-
-    TOKEN_MEAN = "token_mean"  # / number of valid tokens (DAPO, GTPO)
-    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"  # mean over tokens, then / number of responses (GRPO)
-    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"  # token sum / fixed length, then / responses (Dr.GRPO)
-
-
-class KLEstimator(enum.StrEnum):
-    """Estimator of KL(pi || pi_ref) from samples of pi."""
-
-    K1 = "k1"
-    K3 = "k3"
-
-
-class RatioLevel(enum.StrEnum):
-    """Where the importance weight lives."""
-
-    TOKEN = "token"  # one ratio per token (GRPO, DAPO, GTPO)
-    SEQUENCE = "sequence"  # one ratio per response, the mean of its token ratios (GRPO-S)
 
 
 class LossOutput(NamedTuple):
@@ -157,10 +135,10 @@ def policy_loss(
     eps_high: float,
     dual_clip: float | None = None,
     ratio_level: RatioLevel | str = RatioLevel.TOKEN,
-    loss_agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+    loss_agg: LossAgg | str = BASE_DEFAULTS["loss_agg"],
     norm_len: int | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: KLEstimator | str = KLEstimator.K3,
+    kl_estimator: KLEstimator | str = BASE_DEFAULTS["kl_estimator"],
     ref_logp: Float[ArrayLike, "P G T"] | None = None,
     entropy: Float[ArrayLike, "P G T"] | None = None,
     correct: Bool[ArrayLike, "P G"] | None = None,
