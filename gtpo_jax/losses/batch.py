@@ -64,13 +64,7 @@ def prepare_batch(
     remain (valid and, under `mask_truncated`, not truncated); `informative` = groups whose
     remaining responses hold a success and a failure.
 
-    Diagnostics beside the usual means: `valid_frac`; `wrong_sign_pos` / `wrong_sign_neg`, the
-    fraction of loss tokens of O+ with `A < 0` and of O- with `A > 0` (non-zero under GTPO's
-    paper norm when a group's O+ share leaves `(alpha2/(alpha1+alpha2), alpha1/(alpha1+alpha2))`,
-    docs/algorithms.md, "When the paper norm flips a sign"); and for shaping recipes
-    `shaping_delta`, the mean `|A - A_unshaped|` over loss tokens, where `A_unshaped` is the same
-    recipe with alpha2 = 0 / beta2 = 0 under the *paper* norm (DAPO's token-pooled / GRPO's
-    advantage): under another norm it also measures the norm's difference.
+    Diagnostics: `_reward_diagnostics` and `_sign_diagnostics`.
     """
     rewards = jnp.asarray(rewards)
     if rewards.ndim != 2 or rewards.shape[1] != cfg.group_size:
@@ -78,12 +72,7 @@ def prepare_batch(
     dtype = float_dtype(rewards, entropy)
     ok = jnp.ones(rewards.shape, bool) if valid is None else jnp.asarray(valid, dtype=bool)
     penalty, remaining = _shaping(cfg, rewards.shape, dtype, ok, lengths, truncated)
-    if correct is None:
-        correct = success_sets(rewards, success_threshold=cfg.success_threshold) & remaining
-    correct = _given(correct, rewards.shape, "correct")
-    if informative is None:
-        informative = informative_from_sets(correct, remaining)
-    informative = _given(informative, rewards.shape[:1], "informative")
+    correct, informative = _sets(cfg, rewards, remaining, correct, informative)
     m = jnp.asarray(mask).astype(dtype) * remaining[..., None].astype(dtype)
     if cfg.dynamic_sampling:
         m = m * informative[:, None, None].astype(dtype)
@@ -105,7 +94,24 @@ def prepare_batch(
     return batch, diagnostics
 
 
-def _given(x: ArrayLike, shape: tuple[int, ...], name: str) -> Bool[Array, "..."]:
+def _sets(
+    cfg: LossConfig,
+    rewards: Array,
+    remaining: Bool[Array, "P G"],
+    correct: Bool[ArrayLike, "P G"] | None,
+    informative: Bool[ArrayLike, "P"] | None,
+) -> tuple[Bool[Array, "P G"], Bool[Array, "P"]]:
+    """O+ membership among the remaining responses and the informative groups: as given, or
+    decided on the verifier's reward."""
+    if correct is None:
+        correct = success_sets(rewards, success_threshold=cfg.success_threshold) & remaining
+    correct = _checked(correct, rewards.shape, "correct")
+    if informative is None:
+        informative = informative_from_sets(correct, remaining)
+    return correct, _checked(informative, rewards.shape[:1], "informative")
+
+
+def _checked(x: ArrayLike, shape: tuple[int, ...], name: str) -> Array:
     x = jnp.asarray(x, dtype=bool)
     if x.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {x.shape}")
@@ -142,8 +148,8 @@ def _shaping(
 
 
 def _reward_diagnostics(cfg: LossConfig, rewards: Array, penalty: Array, ok: Array, informative: Array) -> Diagnostics:
-    """Informative and valid fractions, mean verifier and shaped reward, pass rate (a truncated
-    correct answer counts as correct: the pass rate is the verifier's)."""
+    """`informative_frac`, `valid_frac`, the mean verifier and shaped reward over valid responses,
+    and `pass_rate` (a truncated correct answer counts as correct: the pass rate is the verifier's)."""
     dtype = rewards.dtype
     scored = ok.astype(dtype)
     return {
@@ -159,7 +165,15 @@ def _reward_diagnostics(cfg: LossConfig, rewards: Array, penalty: Array, ok: Arr
 
 def _sign_diagnostics(cfg: LossConfig, x: AdvantageInputs, advantages: Array, informative: Array) -> Diagnostics:
     """Wrong-sign fractions per set and the size of the entropy shaping, over loss tokens of
-    informative groups (a sequence advantage counts once per token of its response)."""
+    informative groups (a sequence advantage counts once per token of its response).
+
+    `wrong_sign_pos` / `wrong_sign_neg`: the fraction of loss tokens of O+ with `A < 0` and of O-
+    with `A > 0` (non-zero under GTPO's paper norm when a group's O+ share leaves
+    `(alpha2/(alpha1+alpha2), alpha1/(alpha1+alpha2))`; docs/algorithms.md, "When the paper norm
+    flips a sign"). For shaping recipes, `shaping_delta`: the mean `|A - A_unshaped|` over loss
+    tokens, where `A_unshaped` is the same recipe with alpha2 = 0 / beta2 = 0 under the *paper*
+    norm (DAPO's token-pooled / GRPO's advantage): under another norm it also measures the norm's
+    difference."""
     dtype = x.mask.dtype
     per_token = (lambda a: a) if advantages.ndim == 3 else (lambda a: a[..., None])
     weight = x.mask * informative[:, None, None].astype(dtype)
