@@ -2,7 +2,7 @@
 validity of responses, which groups are informative, and DAPO's overlong penalty.
 
 Shapes: `[P, G]` (P prompts, G responses each). See `advantages.py` for how `valid` and the
-penalty enter each estimator.
+penalty enter each estimator, and docs/algorithms.md ("Notation", "The overlong penalty").
 """
 
 from __future__ import annotations
