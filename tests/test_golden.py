@@ -1,4 +1,5 @@
-"""Golden values derived by hand from shared/spec/algorithms.md (never from the code under test).
+"""Golden values derived by hand from the equations of docs/algorithms.md (GRPO; GTPO Eq. 3, 5, 6;
+GRPO-S Eq. 9), never from the code under test.
 
 One group, G = 4 responses, T = 5, unequal lengths 5, 3, 4, 2; responses 0 and 1 are
 correct (O+), 2 and 3 wrong (O-). Valid entropies (padding holds NaN / huge garbage):

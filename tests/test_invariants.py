@@ -1,4 +1,5 @@
-"""The invariants listed at the end of shared/spec/algorithms.md, one test (or more) each."""
+"""The invariants listed at the end of docs/algorithms.md ("Invariants"), one test (or more) each,
+numbered as there; equation numbers are the paper's (arXiv 2508.04349 v6)."""
 
 from dataclasses import replace as dataclass_replace
 
@@ -6,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rollouts import ALGORITHMS, make_rollout
+from rollouts import make_rollout
 
 from gtpo_jax.losses import (
+    RECIPES,
     LossConfig,
     grpo_advantages,
     grpo_s_advantages,
@@ -18,8 +20,8 @@ from gtpo_jax.losses import (
     prepare_batch,
 )
 
-# Every recipe at its defaults, plus the options that change the arithmetic.
-VARIANTS = [dict(algorithm=a) for a in ALGORITHMS] + [
+# Every registered recipe at its defaults, plus the options that change the arithmetic.
+VARIANTS = [dict(algorithm=a) for a in sorted(RECIPES)] + [
     dict(algorithm="gtpo", gtpo_norm="own_set"),
     dict(algorithm="gtpo", gtpo_norm="joint", norm_scope="batch"),
     dict(algorithm="gtpo", norm_scope="batch", kl_coef=0.1, kl_estimator="k1"),

@@ -1,6 +1,7 @@
 """Loss-side guarantees that a run cannot go wrong silently (issue "Every run honest"):
 the overlong penalty reaches wrong answers, invalid and truncated responses leave their group,
-wrong-sign fractions and the size of the shaping are reported, and every knob is live or refused.
+wrong-sign fractions and the size of the shaping are reported, and every knob is live or refused
+(docs/algorithms.md: "The overlong penalty", "When the paper norm flips a sign").
 
 Every test iterates over the registered recipes (`RECIPES`), not over a hand-kept list."""
 

@@ -1,13 +1,20 @@
 """Recipes, the validated config, reward shaping and dynamic sampling on the loss side."""
 
+import ast
+import contextlib
 import dataclasses
+import inspect
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_invariants as invariants
+import test_loss_honesty as honesty
 from rollouts import make_rollout
 
+import gtpo_jax.losses as losses_package
 from gtpo_jax.losses import (
     RECIPES,
     ConfigError,
@@ -25,6 +32,7 @@ from gtpo_jax.losses import (
     prepare_batch,
     register,
 )
+from gtpo_jax.losses.config import BASE_DEFAULTS, FIELDS
 
 
 def test_recipe_defaults():
@@ -85,14 +93,27 @@ def test_from_dict_rejects_unknown_fields_with_a_suggestion():
         LossConfig.from_dict({"eps_hihg": 0.3})
 
 
-def test_adding_an_algorithm_is_one_function_and_one_entry():
-    # RLOO: leave-one-out baseline, A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean r).
-    def rloo(cfg, x):
-        G = x.rewards.shape[-1]
-        return (G / (G - 1) * (x.rewards - x.rewards.mean(-1, keepdims=True)))[..., None] * x.mask
+def _rloo(cfg, x):
+    """RLOO: leave-one-out baseline over the group's valid responses, A_i = r_i - mean_{j != i} r_j
+    (= G/(G-1) (r_i - mean r)), with the overlong penalty in r."""
+    v = x.valid.astype(x.rewards.dtype)
+    r = (x.rewards + x.penalty) * v
+    baseline = (r.sum(-1, keepdims=True) - r) / jnp.maximum(v.sum(-1, keepdims=True) - 1, 1)
+    return ((r - baseline) * v)[..., None] * x.mask
 
-    register(Recipe("rloo", rloo, RatioLevel.TOKEN, True, dict(RECIPES["dapo"].defaults), "RLOO test recipe"))
+
+@contextlib.contextmanager
+def registered_rloo():
+    """The throwaway RLOO recipe, registered for the block and removed afterwards."""
+    recipe = register(name="rloo", advantages=_rloo, ratio_level=RatioLevel.TOKEN, doc="RLOO test recipe")
     try:
+        yield recipe
+    finally:
+        del RECIPES["rloo"]
+
+
+def test_adding_an_algorithm_is_one_function_and_one_entry():
+    with registered_rloo():
         cfg = LossConfig(algorithm="rloo", group_size=4)
         rewards = np.array([[1.0, 0.0, 0.0, 0.0]])
         mask = np.ones((1, 4, 3), np.float32)
@@ -100,10 +121,146 @@ def test_adding_an_algorithm_is_one_function_and_one_entry():
         # A_0 = 1 - 0 = 1, A_j = 0 - 1/3 for the others.
         np.testing.assert_allclose(batch.advantages[0, :, 0], [1.0, -1 / 3, -1 / 3, -1 / 3], rtol=1e-6)
         assert np.isfinite(mean_loss(cfg, jnp.zeros_like(mask), batch))
-    finally:
-        del RECIPES["rloo"]
     with pytest.raises(ValueError, match="missing"):
-        register(Recipe("broken", rloo, RatioLevel.TOKEN, True, {"eps_low": 0.2}, "incomplete defaults"))
+        register(name="broken", advantages=_rloo, ratio_level=RatioLevel.TOKEN, defaults={"eps_lo": 0.2}, doc="typo")
+
+
+def test_a_registered_recipe_is_resolved_by_loss_config_and_exercised_by_the_every_recipe_checks():
+    with registered_rloo() as recipe:
+        assert isinstance(recipe, Recipe) and RECIPES["rloo"] is recipe
+        # Resolved: the base defaults (DAPO's objective), the fields it reads, None for the others.
+        cfg = LossConfig(algorithm="rloo")
+        assert cfg.recipe is recipe and dict(recipe.defaults) == dict(BASE_DEFAULTS)
+        assert (cfg.eps_low, cfg.eps_high, cfg.loss_agg, cfg.kl_coef, cfg.dynamic_sampling) == (
+            0.2, 0.28, LossAgg.TOKEN_MEAN, 0.0, True
+        )  # fmt: skip
+        assert cfg.eps is None and cfg.alpha2 is None and cfg.scale_rewards is None
+        with pytest.raises(ConfigError, match=r"loss\.alpha2=0\.2 is not read by algorithm 'rloo'.*\(gtpo\)"):
+            LossConfig(algorithm="rloo", alpha2=0.2)
+        # Exercised: the checks that run over every registered recipe take it like a built-in one.
+        honesty.test_each_field_a_recipe_reads_changes_its_loss_or_gradient("rloo")
+        honesty.test_setting_a_field_the_algorithm_does_not_read_is_an_error("rloo")
+        honesty.test_longer_wrong_response_in_the_buffer_gets_a_lower_advantage("rloo")
+        honesty.test_invalid_response_is_excluded_as_if_it_had_not_been_sampled("rloo")
+        honesty.test_mask_truncated_decides_the_sets_on_the_responses_that_remain("rloo")
+        honesty.test_wrong_sign_fractions_are_reported_exactly("rloo", 1)
+        invariants.test_1_padding_garbage_changes_nothing({"algorithm": "rloo"})
+        invariants.test_8_degenerate_inputs_are_finite({"algorithm": "rloo"})
+        invariants.test_9_gradient_matches_finite_differences({"algorithm": "rloo"})
+    assert "rloo" not in RECIPES
+    with pytest.raises(ConfigError, match="unknown loss.algorithm='rloo'"):
+        LossConfig(algorithm="rloo")
+
+
+def test_register_refuses_a_bad_recipe_and_leaves_the_table_as_it_was():
+    kw = dict(advantages=_rloo, ratio_level=RatioLevel.TOKEN, doc="bad")
+    before = dict(RECIPES)
+    with pytest.raises(ValueError, match="'gtpo' is already registered"):
+        register(name="gtpo", **kw)
+    with pytest.raises(ValueError, match=r"reads fields missing from LossConfig: \['alpha3'\]; did you mean 'alpha2'"):
+        register(name="bad", reads=("alpha3",), **kw)
+    with pytest.raises(ValueError, match=r"sets defaults for fields it does not read: \['alpha2'\]"):
+        register(name="bad", defaults={"alpha2": 0.2}, **kw)
+    with pytest.raises(ConfigError, match=r"recipe 'bad' defaults: loss\.eps_low=1\.5: must be in \[0, 1\)"):
+        register(name="bad", defaults={"eps_low": 1.5}, **kw)
+    with pytest.raises(ValueError, match=r"ratio_level='tokn' is not a valid choice"):
+        register(name="bad", advantages=_rloo, ratio_level="tokn", doc="bad")
+    assert RECIPES == before
+
+
+def test_recipe_defaults_are_the_base_defaults_and_their_differences():
+    for recipe in RECIPES.values():
+        assert set(recipe.defaults) == FIELDS
+    differences = {
+        name: {k: v for k, v in recipe.defaults.items() if v != BASE_DEFAULTS[k]} for name, recipe in RECIPES.items()
+    }
+    assert differences == {
+        "grpo": {"eps_high": 0.2, "loss_agg": "seq_mean_token_mean", "kl_coef": 0.04, "dynamic_sampling": False},
+        "dapo": {},
+        "gtpo": {},
+        "grpo_s": {"loss_agg": "seq_mean_token_mean"},
+    }
+    # The pure functions take their keyword defaults from the same mapping.
+    sig = inspect.signature(gtpo_advantages).parameters
+    assert (sig["alpha1"].default, sig["alpha2"].default, sig["eps"].default) == tuple(
+        BASE_DEFAULTS[k] for k in ("alpha1", "alpha2", "eps")
+    )
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """Every `gtpo_jax` module `path` imports, at module level or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in out if name.startswith("gtpo_jax")}
+
+
+def test_the_loss_modules_import_each_other_without_a_cycle():
+    package = pathlib.Path(losses_package.__file__).parent
+    modules = {f"gtpo_jax.losses.{p.stem}": p for p in package.glob("*.py") if p.stem != "__init__"}
+    graph = {name: _imports(path) & set(modules) for name, path in modules.items()}
+    assert graph["gtpo_jax.losses.registry"] >= {"gtpo_jax.losses.config"}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for target in sorted(graph[name]):
+                visit(target, (*path, name))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    # The package itself is imported by none of its modules (they import each other directly).
+    assert all("gtpo_jax.losses" not in _imports(path) for path in modules.values())
+
+
+def _host_sets(cfg, rewards, remaining):
+    correct = (np.asarray(rewards) > cfg.success_threshold) & remaining
+    informative = (correct & remaining).any(-1) & (~correct & remaining).any(-1)
+    return correct, informative
+
+
+@pytest.mark.parametrize("algorithm", sorted(RECIPES))
+def test_given_correct_and_informative_give_bit_identical_outputs(algorithm):
+    ro = make_rollout(seed=23, P=3, G=5, T=7, empty_response=False)
+    ro.rewards[2] = 1.0  # an uninformative group
+    ro.lengths[:, 0] = 7  # truncated responses, masked under mask_truncated
+    mask = _mask(ro.lengths, 7)
+    valid = np.ones((3, 5), bool)
+    valid[1, 3] = False
+    cfg = LossConfig(algorithm=algorithm, group_size=5, mask_truncated=True, max_response_len=7)
+    kw = dict(rewards=ro.rewards, mask=mask, old_logp=ro.old_logp, entropy=ro.entropy, lengths=ro.lengths, valid=valid)
+    computed = prepare_batch(cfg, **kw, ref_logp=ro.ref_logp)
+    correct, informative = _host_sets(cfg, ro.rewards, valid & (ro.lengths < 7))
+    assert informative.tolist() == [True, True, False]
+    given = prepare_batch(cfg, **kw, ref_logp=ro.ref_logp, correct=correct, informative=informative)
+    leaves_c, tree_c = jax.tree.flatten(computed)
+    leaves_g, tree_g = jax.tree.flatten(given)
+    assert tree_c == tree_g
+    for a, b in zip(leaves_c, leaves_g, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("algorithm", ["gtpo", "grpo_s"])
+def test_a_given_correct_is_used(algorithm):
+    ro = make_rollout(seed=24, empty_response=False)
+    cfg = LossConfig(algorithm=algorithm, group_size=6)
+    correct, informative = _host_sets(cfg, ro.rewards, np.ones(ro.rewards.shape, bool))
+    base, _ = prepare_batch(cfg, **ro.loss_inputs(), correct=correct, informative=informative)
+    correct[:, 1] = ~correct[:, 1]  # move response 1 of every group to the other set ...
+    moved, _ = prepare_batch(cfg, **ro.loss_inputs(), correct=correct, informative=informative)
+    np.testing.assert_array_equal(moved.correct, correct)
+    changed = np.asarray(moved.advantages) != np.asarray(base.advantages)
+    assert (changed if changed.ndim == 2 else changed.any(-1))[:, 1].all()  # ... and its advantage moves
+    # A given `informative` decides which groups dynamic sampling keeps.
+    none, _ = prepare_batch(cfg, **ro.loss_inputs(), informative=np.zeros(4, bool))
+    assert not np.asarray(none.mask).any()
+    with pytest.raises(ValueError, match=r"correct must have shape \(4, 6\)"):
+        prepare_batch(cfg, **ro.loss_inputs(), correct=correct[:, :5])
 
 
 def test_overlong_penalty_golden():

@@ -1,9 +1,13 @@
-"""The loss module: GRPO, DAPO, GTPO and GRPO-S as pure functions over `[P, G, T]` groups."""
+"""The loss module: GRPO, DAPO, GTPO and GRPO-S as pure functions over `[P, G, T]` groups.
 
+docs/algorithms.md states the equations (with the paper's numbers) and the defaults. Layout:
+`config.py` (enums, `LossConfig`), `registry.py` (the recipes), `advantages.py` / `groups.py`
+(advantage estimators), `policy_loss.py` (the clipped objective), `batch.py` (`prepare_batch`,
+`compute_loss`), `stats.py` (masked statistics, accumulable diagnostics).
+"""
+
+from gtpo_jax.errors import ConfigError
 from gtpo_jax.losses.advantages import (
-    GRPOSNorm,
-    GTPONorm,
-    NormScope,
     grpo_advantages,
     grpo_s_advantages,
     grpo_s_sequence_rewards_from_sets,
@@ -13,8 +17,19 @@ from gtpo_jax.losses.advantages import (
     overlong_penalty,
 )
 from gtpo_jax.losses.batch import LossBatch, compute_loss, mean_loss, prepare_batch
-from gtpo_jax.losses.policy_loss import KLEstimator, LossAgg, LossOutput, RatioLevel, policy_loss
-from gtpo_jax.losses.registry import RECIPES, Algorithm, ConfigError, LossConfig, Recipe, register
+from gtpo_jax.losses.config import (
+    RECIPES,
+    Algorithm,
+    GRPOSNorm,
+    GTPONorm,
+    KLEstimator,
+    LossAgg,
+    LossConfig,
+    NormScope,
+    RatioLevel,
+)
+from gtpo_jax.losses.policy_loss import LossOutput, policy_loss
+from gtpo_jax.losses.registry import Recipe, register
 from gtpo_jax.losses.stats import MaxStat, MeanStat, MinStat, finalize_diagnostics, merge_diagnostics
 
 __all__ = [

@@ -2,8 +2,8 @@
 
 Layout: `P` prompts, each with a group of `G` responses padded to `T` tokens.
 `rewards` is `[P, G]`, `mask` and `entropy` are `[P, G, T]`. `O+` is the set of responses of
-a group whose reward is above `success_threshold`, `O-` the rest. Formulas follow
-`shared/spec/algorithms.md` (equation numbers of arXiv 2508.04349 v6).
+a group whose reward is above `success_threshold`, `O-` the rest. Formulas and the choices
+the paper leaves open: docs/algorithms.md (equation numbers of arXiv 2508.04349 v6).
 
 Every function here is pure and jit-able (modes and hyperparameters are static Python
 values), treats `rewards`, `entropy` and `mask` as constants (no gradient flows into them),
@@ -24,17 +24,19 @@ Two optional `[P, G]` inputs reach every estimator the same way:
 - `penalty` (<= 0): DAPO's overlong penalty of each response. It lowers the reward of correct
   *and* wrong responses alike: GRPO/DAPO use `r_i + penalty_i`; GTPO's Eq. 3 uses
   `alpha1 * (r_i + penalty_i)` and Eq. 5 `alpha1 * (-1 + penalty_j)` in place of `-alpha1`;
-  GRPO-S's Eq. 9 likewise with `beta1` (README, "The loss module").
+  GRPO-S's Eq. 9 likewise with `beta1` (docs/algorithms.md, "The overlong penalty").
+
+Keyword defaults come from `config.BASE_DEFAULTS`, the one place default values are written.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from gtpo_jax.losses.config import BASE_DEFAULTS, GRPOSNorm, GTPONorm, NormScope
 from gtpo_jax.losses.groups import (  # noqa: F401  (public names of this module too)
     as_constant,
     informative_from_sets,
@@ -53,38 +55,17 @@ from gtpo_jax.losses.stats import (
 )
 
 
-class GTPONorm(enum.StrEnum):
-    """How GTPO normalises the shaped token rewards of O+ and O- (Eq. 6)."""
-
-    PAPER = "paper"  # each set's statistics over all valid tokens, 0 on the other set's tokens
-    OWN_SET = "own_set"  # each set's statistics over its own tokens only
-    JOINT = "joint"  # one mean/std over both sets' shaped rewards
-
-
-class NormScope(enum.StrEnum):
-    """Which tokens GTPO's normalisation statistics are taken over."""
-
-    GROUP = "group"  # per prompt (default)
-    BATCH = "batch"  # over every informative group of the batch
-
-
-class GRPOSNorm(enum.StrEnum):
-    """How GRPO-S normalises the shaped sequence rewards."""
-
-    PAPER = "paper"  # separately for O+ and O-, over all G responses with 0 on the other set
-    JOINT = "joint"  # one mean/std over all G shaped rewards
-
-
 def grpo_advantages(
     rewards: Float[ArrayLike, "P G"],
     mask: ArrayLike,
     *,
-    scale_rewards: bool = True,
-    eps: float = 1e-6,
+    scale_rewards: bool = BASE_DEFAULTS["scale_rewards"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
-    """GRPO: `A_i = (r_i - mean_G r) / (std_G r + eps)`, broadcast to the response's tokens.
+    """GRPO (and DAPO): `A_i = (r_i - mean_G r) / (std_G r + eps)`, broadcast to the response's tokens
+    (docs/algorithms.md, "GRPO").
 
     Population std over the group's valid responses; `r_i` includes the overlong `penalty`.
     `scale_rewards=False` is Dr.GRPO (no division by std). A group whose rewards are all
@@ -161,13 +142,14 @@ def gtpo_token_rewards_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    eps: float = 1e-6,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
-    """GTPO's shaped token rewards (Eq. 3 and Eq. 5): `r+` on O+ tokens, `r-` on O- tokens, 0 on padding.
+    """GTPO's shaped token rewards (Eq. 3 and Eq. 5; docs/algorithms.md, "GTPO"): `r+` on O+ tokens,
+    `r-` on O- tokens, 0 on padding.
 
         r+_{i,t} = alpha1 * (r_i + pen_i)  + alpha2 * d_t * H_{i,t} / sum_{k in O+ alive at t} H_{k,t}
         r-_{j,t} = alpha1 * (-1 + pen_j)   - alpha2 * h_t * (1/H_{j,t}) / sum_{k in O- alive at t} (1/H_{k,t})
@@ -184,10 +166,10 @@ def gtpo_token_rewards(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
 ) -> Float[Array, "P G T"]:
     """`gtpo_token_rewards_from_sets` with O+ decided by `rewards > success_threshold`."""
     correct = success_sets(rewards, success_threshold=success_threshold)
@@ -200,11 +182,11 @@ def gtpo_advantages_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    eps: float = 1e-6,
-    norm: GTPONorm | str = GTPONorm.PAPER,
-    scope: NormScope | str = NormScope.GROUP,
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GTPONorm | str = BASE_DEFAULTS["gtpo_norm"],
+    scope: NormScope | str = BASE_DEFAULTS["norm_scope"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
@@ -232,30 +214,43 @@ def gtpo_advantages_from_sets(
     n_pos, n_neg, sum_r_pos, sum_pen_neg = sums_over(axes, *(x * informative for x in position_sums))
     sum_pos = alpha1 * sum_r_pos + alpha2 * n_pos
     sum_neg = alpha1 * sum_pen_neg - (alpha1 + alpha2) * n_neg
-    n_all = n_pos + n_neg
-
-    def mean(s: Array, n: Array) -> Array:
-        return s / jnp.maximum(n, 1)
-
-    if norm is GTPONorm.PAPER:
-        mean_pos, mean_neg = mean(sum_pos, n_all), mean(sum_neg, n_all)
-    elif norm is GTPONorm.OWN_SET:
-        mean_pos, mean_neg = mean(sum_pos, n_pos), mean(sum_neg, n_neg)
-    else:
-        mean_pos = mean_neg = mean(sum_pos + sum_neg, n_all)
+    mean_pos, mean_neg = _set_means(norm, sum_pos, sum_neg, n_pos, n_neg)
 
     w_pos, w_neg = tok.w_pos * informative, tok.w_neg * informative
     dev = tok.shaped - jnp.where(w_pos > 0, mean_pos, mean_neg)
     sq_pos, sq_neg = sums_over(axes, w_pos * jnp.square(dev), w_neg * jnp.square(dev))
-    if norm is GTPONorm.PAPER:
-        var_pos = mean(sq_pos + n_neg * jnp.square(mean_pos), n_all)
-        var_neg = mean(sq_neg + n_pos * jnp.square(mean_neg), n_all)
-    elif norm is GTPONorm.OWN_SET:
-        var_pos, var_neg = mean(sq_pos, n_pos), mean(sq_neg, n_neg)
-    else:
-        var_pos = var_neg = mean(sq_pos + sq_neg, n_all)
+    var_pos, var_neg = _set_variances(norm, sq_pos, sq_neg, n_pos, n_neg, mean_pos, mean_neg)
     scale = jnp.where(w_pos > 0, 1.0 / (jnp.sqrt(var_pos) + eps), 1.0 / (jnp.sqrt(var_neg) + eps))
     return dev * scale * (w_pos + w_neg)
+
+
+def _mean(total: Array, n: Array) -> Array:
+    return total / jnp.maximum(n, 1)
+
+
+def _set_means(norm: GTPONorm, sum_pos: Array, sum_neg: Array, n_pos: Array, n_neg: Array) -> tuple[Array, Array]:
+    """`mean R+`, `mean R-` of Eq. 6 under `norm`, from the sets' sums and token counts."""
+    n_all = n_pos + n_neg
+    if norm is GTPONorm.PAPER:
+        return _mean(sum_pos, n_all), _mean(sum_neg, n_all)
+    if norm is GTPONorm.OWN_SET:
+        return _mean(sum_pos, n_pos), _mean(sum_neg, n_neg)
+    joint = _mean(sum_pos + sum_neg, n_all)
+    return joint, joint
+
+
+def _set_variances(
+    norm: GTPONorm, sq_pos: Array, sq_neg: Array, n_pos: Array, n_neg: Array, mean_pos: Array, mean_neg: Array
+) -> tuple[Array, Array]:
+    """`var R+`, `var R-` of Eq. 6 from each set's centred sum of squares; under `paper` the other
+    set's tokens hold 0 and add `n_other * mean^2`."""
+    n_all = n_pos + n_neg
+    if norm is GTPONorm.PAPER:
+        return _mean(sq_pos + n_neg * jnp.square(mean_pos), n_all), _mean(sq_neg + n_pos * jnp.square(mean_neg), n_all)
+    if norm is GTPONorm.OWN_SET:
+        return _mean(sq_pos, n_pos), _mean(sq_neg, n_neg)
+    joint = _mean(sq_pos + sq_neg, n_all)
+    return joint, joint
 
 
 def gtpo_advantages(
@@ -263,16 +258,16 @@ def gtpo_advantages(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    alpha1: float = 1.0,
-    alpha2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
-    norm: GTPONorm | str = "paper",
-    scope: NormScope | str = "group",
+    alpha1: float = BASE_DEFAULTS["alpha1"],
+    alpha2: float = BASE_DEFAULTS["alpha2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GTPONorm | str = BASE_DEFAULTS["gtpo_norm"],
+    scope: NormScope | str = BASE_DEFAULTS["norm_scope"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G T"]:
-    """GTPO: entropy-shaped token rewards (Eq. 3, 5), normalised per set (Eq. 6).
+    """GTPO: entropy-shaped token rewards (Eq. 3, 5), normalised per set (Eq. 6); docs/algorithms.md.
 
     `norm="paper"` (default): `R+` holds `r+` on O+ tokens and 0 on O- tokens, and its
     mean and population std are taken over all valid tokens of the group (`R-` likewise);
@@ -285,7 +280,8 @@ def gtpo_advantages(
     `alpha2 / (alpha1 + alpha2) < p < alpha1 / (alpha1 + alpha2)` (0.091 < p < 0.909 at the
     defaults): the set means are `(alpha1 + alpha2) * p` and `-(alpha1 + alpha2) * (1 - p)`,
     while `r+ > alpha1` and `r- < -alpha1`. Outside that range part of the majority set's
-    tokens get the opposite sign (the trainer logs the fractions). Groups with no success or
+    tokens get the opposite sign (the trainer logs the fractions; docs/algorithms.md, "When the
+    paper norm flips a sign"). Groups with no success or
     no failure get 0. `valid` and `penalty`: see the module docstring.
     """
     correct = success_sets(rewards, success_threshold=success_threshold)
@@ -301,13 +297,14 @@ def grpo_s_sequence_rewards_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    eps: float = 1e-6,
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    eps: float = BASE_DEFAULTS["eps"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
-    """GRPO-S shaped sequence rewards (Eq. 9), with `Ĥ_i` the mean entropy of response i plus eps.
+    """GRPO-S shaped sequence rewards (Eq. 9; docs/algorithms.md, "GRPO-S"), with `Ĥ_i` the mean
+    entropy of response i plus eps.
 
     r+_i = beta1 * (r_i + pen_i) + beta2 * n * Ĥ_i / sum_{k in O+} Ĥ_k
     r-_j = beta1 * (-1 + pen_j)  - beta2 * m * (1/Ĥ_j) / sum_{k in O-} (1/Ĥ_k)
@@ -342,10 +339,10 @@ def grpo_s_advantages_from_sets(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    eps: float = 1e-6,
-    norm: GRPOSNorm | str = GRPOSNorm.PAPER,
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GRPOSNorm | str = BASE_DEFAULTS["grpo_s_norm"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
@@ -378,15 +375,15 @@ def grpo_s_advantages(
     entropy: Float[ArrayLike, "P G T"],
     mask: ArrayLike,
     *,
-    beta1: float = 1.0,
-    beta2: float = 0.1,
-    success_threshold: float = 0.5,
-    eps: float = 1e-6,
-    norm: GRPOSNorm | str = "paper",
+    beta1: float = BASE_DEFAULTS["beta1"],
+    beta2: float = BASE_DEFAULTS["beta2"],
+    success_threshold: float = BASE_DEFAULTS["success_threshold"],
+    eps: float = BASE_DEFAULTS["eps"],
+    norm: GRPOSNorm | str = BASE_DEFAULTS["grpo_s_norm"],
     valid: Bool[ArrayLike, "P G"] | None = None,
     penalty: Float[ArrayLike, "P G"] | None = None,
 ) -> Float[Array, "P G"]:
-    """GRPO-S: entropy-shaped sequence rewards (Eq. 9), normalised over the G responses.
+    """GRPO-S: entropy-shaped sequence rewards (Eq. 9), normalised over the G responses (docs/algorithms.md).
 
     `norm="paper"` (default): O+ and O- are normalised separately, each over a length-G
     vector holding the set's shaped rewards and 0 for the other set (population std), and

@@ -2,7 +2,7 @@
 validity of responses, which groups are informative, and DAPO's overlong penalty.
 
 Shapes: `[P, G]` (P prompts, G responses each). See `advantages.py` for how `valid` and the
-penalty enter each estimator.
+penalty enter each estimator, and docs/algorithms.md ("Notation", "The overlong penalty").
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from gtpo_jax.losses.config import BASE_DEFAULTS
 from gtpo_jax.losses.stats import float_dtype
 
 
@@ -19,7 +20,9 @@ def as_constant(x: ArrayLike, dtype: jnp.dtype) -> Array:
     return jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
 
 
-def success_sets(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P G"]:
+def success_sets(
+    rewards: Float[ArrayLike, "P G"], *, success_threshold: float = BASE_DEFAULTS["success_threshold"]
+) -> Bool[Array, "P G"]:
     """`True` for responses in O+ (reward strictly above `success_threshold`)."""
     return jnp.asarray(rewards) > success_threshold
 
@@ -38,7 +41,9 @@ def informative_from_sets(
     return jnp.any(correct & valid, axis=-1) & jnp.any(~correct & valid, axis=-1)
 
 
-def informative_groups(rewards: Float[ArrayLike, "P G"], *, success_threshold: float = 0.5) -> Bool[Array, "P"]:
+def informative_groups(
+    rewards: Float[ArrayLike, "P G"], *, success_threshold: float = BASE_DEFAULTS["success_threshold"]
+) -> Bool[Array, "P"]:
     """DAPO dynamic sampling's keep-decision: does the group mix successes and failures?
 
     Decided on correctness (reward above `success_threshold`), never on a shaped reward: a
@@ -48,7 +53,7 @@ def informative_groups(rewards: Float[ArrayLike, "P G"], *, success_threshold: f
 
 
 def overlong_penalty(
-    lengths: Int[ArrayLike, "P G"], *, max_len: int, buffer_len: int, penalty: float = 1.0
+    lengths: Int[ArrayLike, "P G"], *, max_len: int, buffer_len: int, penalty: float = BASE_DEFAULTS["overlong_penalty"]
 ) -> Float[Array, "P G"]:
     """DAPO's soft overlong punishment, counted in tokens (a value <= 0 to add to the reward).
 

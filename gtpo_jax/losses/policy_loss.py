@@ -12,41 +12,21 @@ Pieces, each a small pure function:
   micro-batches and devices and dividing once gives exactly the full-batch loss, which is
   why no mode divides inside. Modes are named after their denominator.
 
-`policy_loss` wires them together and returns diagnostics as accumulable stats.
+`policy_loss` wires them together and returns diagnostics as accumulable stats. The
+objectives (Eq. 7 for GRPO/DAPO/GTPO, GRPO-S's sequence-ratio form) and the aggregation and
+KL options: docs/algorithms.md.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from gtpo_jax.losses.config import BASE_DEFAULTS, KLEstimator, LossAgg, RatioLevel
 from gtpo_jax.losses.stats import Diagnostics, MaxStat, MeanStat, MinStat, float_dtype, parse_enum
-
-
-class LossAgg(enum.StrEnum):
-    """How per-token losses become one number (its denominator is in the name)."""
-
-    TOKEN_MEAN = "token_mean"  # / number of valid tokens (DAPO, GTPO)
-    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"  # mean over tokens, then / number of responses (GRPO)
-    SEQ_MEAN_TOKEN_SUM_NORM = "seq_mean_token_sum_norm"  # token sum / fixed length, then / responses (Dr.GRPO)
-
-
-class KLEstimator(enum.StrEnum):
-    """Estimator of KL(pi || pi_ref) from samples of pi."""
-
-    K1 = "k1"
-    K3 = "k3"
-
-
-class RatioLevel(enum.StrEnum):
-    """Where the importance weight lives."""
-
-    TOKEN = "token"  # one ratio per token (GRPO, DAPO, GTPO)
-    SEQUENCE = "sequence"  # one ratio per response, the mean of its token ratios (GRPO-S)
 
 
 class LossOutput(NamedTuple):
@@ -157,10 +137,10 @@ def policy_loss(
     eps_high: float,
     dual_clip: float | None = None,
     ratio_level: RatioLevel | str = RatioLevel.TOKEN,
-    loss_agg: LossAgg | str = LossAgg.TOKEN_MEAN,
+    loss_agg: LossAgg | str = BASE_DEFAULTS["loss_agg"],
     norm_len: int | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: KLEstimator | str = KLEstimator.K3,
+    kl_estimator: KLEstimator | str = BASE_DEFAULTS["kl_estimator"],
     ref_logp: Float[ArrayLike, "P G T"] | None = None,
     entropy: Float[ArrayLike, "P G T"] | None = None,
     correct: Bool[ArrayLike, "P G"] | None = None,
@@ -181,55 +161,99 @@ def policy_loss(
     adv = jax.lax.stop_gradient(jnp.asarray(advantages).astype(dtype))
     log_ratio = token_log_ratios(logp, old_logp, m)
     ratio = jnp.exp(log_ratio)
-    present = (jnp.sum(m, axis=-1) > 0).astype(dtype)
-
+    clip = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
     if ratio_level is RatioLevel.TOKEN:
-        if adv.ndim != m.ndim:
-            raise ValueError(f"token-level loss needs advantages shaped like mask {m.shape}, got {adv.shape}")
-        adv = jnp.where(m > 0, adv, 0)
-        objective, low, high = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-        clip_weight, adv_weight = m, m
+        s = _token_surrogate(ratio, adv, m, clip, loss_agg, norm_len)
     else:
-        if adv.shape != m.shape[:-1]:
-            raise ValueError(f"sequence-level loss needs advantages shaped {m.shape[:-1]}, got {adv.shape}")
-        adv = jnp.where(present > 0, adv, 0)
-        seq_ratio = sequence_ratios(logp, old_logp, m)
-        seq_obj, low, high = clipped_surrogate(seq_ratio, adv, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-        # Token-weighted advantage stats: each response's advantage counts once per token.
-        clip_weight, adv_weight = present, jnp.sum(m, axis=-1)
+        s = _sequence_surrogate(logp, old_logp, adv, m, clip, loss_agg, norm_len)
 
     diagnostics: Diagnostics = {
-        "clip_frac_low": MeanStat.of(low.astype(dtype), clip_weight),
-        "clip_frac_high": MeanStat.of(high.astype(dtype), clip_weight),
+        "clip_frac_low": MeanStat.of(s.low.astype(dtype), s.clip_weight),
+        "clip_frac_high": MeanStat.of(s.high.astype(dtype), s.clip_weight),
         "ratio_mean": MeanStat.of(ratio, m),
         # k3 estimate of KL(pi_old || pi) from the old policy's samples.
         "approx_kl": MeanStat.of(jnp.expm1(log_ratio) - log_ratio, m),
-        "adv_mean": MeanStat.of(adv, adv_weight),
-        "adv_max": MaxStat.of(adv, adv_weight),
-        "adv_min": MinStat.of(adv, adv_weight),
+        "adv_mean": MeanStat.of(s.adv, s.adv_weight),
+        "adv_max": MaxStat.of(s.adv, s.adv_weight),
+        "adv_min": MinStat.of(s.adv, s.adv_weight),
+        **s.extra,
     }
-    if ratio_level is RatioLevel.TOKEN:
-        loss_sum, denominator = aggregate(-objective, m, loss_agg, norm_len=norm_len)
-    else:
-        # The response's objective spread over its tokens, so that seq_mean_token_mean is the
-        # paper's (1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i).
-        loss_sum, denominator = aggregate_sequences(-seq_obj, m, loss_agg, norm_len=norm_len)
-        diagnostics["seq_ratio_mean"] = MeanStat.of(seq_ratio, present)
-
+    loss_sum = s.loss_sum
     if kl_coef > 0:
-        if ref_logp is None:
-            raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs); got None")
-        kl = kl_penalty(logp, ref_logp, m, kl_estimator)
-        kl_sum, _ = aggregate(kl_coef * kl, m, loss_agg, norm_len=norm_len)  # same denominator
+        kl_sum, diagnostics["kl"] = _kl_term(logp, ref_logp, m, kl_coef, kl_estimator, loss_agg, norm_len)
         loss_sum = loss_sum + kl_sum
-        diagnostics["kl"] = MeanStat.of(kl, m)
-
     if entropy is not None:
-        h = jax.lax.stop_gradient(jnp.asarray(entropy).astype(dtype))
-        diagnostics["entropy_mean"] = MeanStat.of(h, m)
-        if correct is not None:
-            pos = jnp.asarray(correct, dtype=bool)[..., None].astype(dtype)
-            diagnostics["entropy_pos"] = MeanStat.of(h, m * pos)
-            diagnostics["entropy_neg"] = MeanStat.of(h, m * (1 - pos))
+        diagnostics.update(_entropy_diagnostics(entropy, correct, m))
+    return LossOutput(loss_sum, s.denominator, diagnostics)
 
-    return LossOutput(loss_sum, denominator, diagnostics)
+
+class _Surrogate(NamedTuple):
+    """The clipped objective of one ratio level, aggregated, and what its diagnostics need."""
+
+    loss_sum: Array
+    denominator: Array
+    adv: Array  # the advantages, 0 on padding / empty responses
+    low: Array  # where the low / high clip binds (bool)
+    high: Array
+    clip_weight: Array  # weight of each clip decision (token or response)
+    adv_weight: Array  # weight of each advantage (tokens it covers)
+    extra: Diagnostics
+
+
+def _token_surrogate(
+    ratio: Array, adv: Array, m: Array, clip: dict, loss_agg: LossAgg | str, norm_len: int | None
+) -> _Surrogate:
+    """Eq. 7: one ratio and one advantage per token."""
+    if adv.ndim != m.ndim:
+        raise ValueError(f"token-level loss needs advantages shaped like mask {m.shape}, got {adv.shape}")
+    adv = jnp.where(m > 0, adv, 0)
+    objective, low, high = clipped_surrogate(ratio, adv, **clip)
+    loss_sum, denominator = aggregate(-objective, m, loss_agg, norm_len=norm_len)
+    return _Surrogate(loss_sum, denominator, adv, low, high, m, m, {})
+
+
+def _sequence_surrogate(
+    logp: Array, old_logp: ArrayLike, adv: Array, m: Array, clip: dict, loss_agg: LossAgg | str, norm_len: int | None
+) -> _Surrogate:
+    """GRPO-S: one ratio (the mean of the token ratios) and one advantage per response."""
+    if adv.shape != m.shape[:-1]:
+        raise ValueError(f"sequence-level loss needs advantages shaped {m.shape[:-1]}, got {adv.shape}")
+    present = (jnp.sum(m, axis=-1) > 0).astype(m.dtype)
+    adv = jnp.where(present > 0, adv, 0)
+    seq_ratio = sequence_ratios(logp, old_logp, m)
+    seq_obj, low, high = clipped_surrogate(seq_ratio, adv, **clip)
+    # The response's objective spread over its tokens, so that seq_mean_token_mean is the
+    # paper's (1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i).
+    loss_sum, denominator = aggregate_sequences(-seq_obj, m, loss_agg, norm_len=norm_len)
+    # Token-weighted advantage stats: each response's advantage counts once per token.
+    extra = {"seq_ratio_mean": MeanStat.of(seq_ratio, present)}
+    return _Surrogate(loss_sum, denominator, adv, low, high, present, jnp.sum(m, axis=-1), extra)
+
+
+def _kl_term(
+    logp: Array,
+    ref_logp: ArrayLike | None,
+    m: Array,
+    kl_coef: float,
+    estimator: KLEstimator | str,
+    loss_agg: LossAgg | str,
+    norm_len: int | None,
+) -> tuple[Array, MeanStat]:
+    """`kl_coef * KL` aggregated like the objective (its sum; the denominator is the same), and
+    the mean KL over loss tokens."""
+    if ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs); got None")
+    kl = kl_penalty(logp, ref_logp, m, estimator)
+    kl_sum, _ = aggregate(kl_coef * kl, m, loss_agg, norm_len=norm_len)
+    return kl_sum, MeanStat.of(kl, m)
+
+
+def _entropy_diagnostics(entropy: ArrayLike, correct: ArrayLike | None, m: Array) -> Diagnostics:
+    """Mean entropy over loss tokens, and over the tokens of O+ / O- when `correct` is given."""
+    h = jax.lax.stop_gradient(jnp.asarray(entropy).astype(m.dtype))
+    out: Diagnostics = {"entropy_mean": MeanStat.of(h, m)}
+    if correct is not None:
+        pos = jnp.asarray(correct, dtype=bool)[..., None].astype(m.dtype)
+        out["entropy_pos"] = MeanStat.of(h, m * pos)
+        out["entropy_neg"] = MeanStat.of(h, m * (1 - pos))
+    return out

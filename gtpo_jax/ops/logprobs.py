@@ -1,5 +1,9 @@
 """Token log-probs and full-vocabulary entropy without materialising `[tokens, vocab]` logits.
 
+The entropy is the `H_{i,t}` that GTPO's shaped token rewards (Eq. 3, 5) and GRPO-S's mean
+response entropy (Eq. 9) read: the full next-token distribution's Shannon entropy under the
+sampling policy, from the same pass as the old log-probs (docs/algorithms.md, "Notation").
+
 For final hidden states `h` (`[N, d]`) and the unembedding `W` (`[d, V]`), with logits
 `z = h W / temperature`:
 
