@@ -23,9 +23,15 @@ def _prepare(cfg, rewards, lengths, T, *, entropy=None, valid=None):
     mask = (np.arange(T)[None, None, :] < lengths[..., None]).astype(np.float32)
     entropy = np.ones_like(mask) if entropy is None else entropy
     return prepare_batch(
-        cfg, rewards=np.asarray(rewards, np.float32), mask=mask, old_logp=mask * 0 - 1.0, entropy=entropy,
-        lengths=lengths, valid=None if valid is None else np.asarray(valid), ref_logp=mask * 0 - 1.0,
-    )  # fmt: skip
+        cfg,
+        rewards=np.asarray(rewards, np.float32),
+        mask=mask,
+        old_logp=mask * 0 - 1.0,
+        entropy=entropy,
+        lengths=lengths,
+        valid=None if valid is None else np.asarray(valid),
+        ref_logp=mask * 0 - 1.0,
+    )
 
 
 def _mean_advantage(batch, p, i):
@@ -77,8 +83,9 @@ def test_invalid_response_is_excluded_as_if_it_had_not_been_sampled(algorithm):
     cfg4 = LossConfig(algorithm=algorithm, group_size=4)
     kw = dict(old_logp=ro.old_logp, entropy=ro.entropy, ref_logp=ro.ref_logp)
     b5, d5 = prepare_batch(cfg5, rewards=ro.rewards, mask=ro.mask, valid=valid, **kw)
-    b4, _ = prepare_batch(cfg4, rewards=_without(ro.rewards, 4), mask=_without(ro.mask, 4),
-                          **{k: _without(v, 4) for k, v in kw.items()})  # fmt: skip
+    b4, _ = prepare_batch(
+        cfg4, rewards=_without(ro.rewards, 4), mask=_without(ro.mask, 4), **{k: _without(v, 4) for k, v in kw.items()}
+    )
     np.testing.assert_allclose(_without(b5.advantages, 4), b4.advantages, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(b5.mask)[:, 4] == 0) and np.all(np.asarray(b5.advantages)[:, 4] == 0)
     loss5 = mean_loss(cfg5, jnp.asarray(ro.logp), b5)
@@ -99,8 +106,12 @@ def test_mask_truncated_decides_the_sets_on_the_responses_that_remain(algorithm)
     kw = dict(old_logp=ro.old_logp, entropy=ro.entropy, ref_logp=ro.ref_logp)
     b5, _ = prepare_batch(LossConfig(algorithm=algorithm, group_size=5, mask_truncated=True, max_response_len=7),
                           rewards=ro.rewards, mask=mask, lengths=ro.lengths, **kw)  # fmt: skip
-    b4, _ = prepare_batch(LossConfig(algorithm=algorithm, group_size=4), rewards=_without(ro.rewards, 4),
-                          mask=_without(mask, 4), **{k: _without(v, 4) for k, v in kw.items()})  # fmt: skip
+    b4, _ = prepare_batch(
+        LossConfig(algorithm=algorithm, group_size=4),
+        rewards=_without(ro.rewards, 4),
+        mask=_without(mask, 4),
+        **{k: _without(v, 4) for k, v in kw.items()},
+    )
     np.testing.assert_allclose(_without(b5.advantages, 4), b4.advantages, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(b5.advantages)[:, 4] == 0)
 
@@ -237,8 +248,12 @@ def test_setting_a_field_the_algorithm_does_not_read_is_an_error(algorithm):
             LossConfig(algorithm=algorithm, **(new if isinstance(new, dict) else {field: new}))
         assert getattr(LossConfig(algorithm=algorithm), field) is None  # resolved as "does not apply"
     # Fields read only in a context are refused outside it.
-    for field, context_free in [("kl_estimator", {"kl_coef": 0.0}), ("norm_len", {"loss_agg": "token_mean"}),
-                                ("overlong_penalty", {}), ("max_response_len", {})]:  # fmt: skip
+    for field, context_free in [
+        ("kl_estimator", {"kl_coef": 0.0}),
+        ("norm_len", {"loss_agg": "token_mean"}),
+        ("overlong_penalty", {}),
+        ("max_response_len", {}),
+    ]:
         with pytest.raises(ConfigError, match=rf"loss\.{field}=.*not read by algorithm '{algorithm}' with"):
             LossConfig(algorithm=algorithm, **context_free, **{field: PERTURB[field][1](None)})
 

@@ -132,8 +132,12 @@ def test_a_registered_recipe_is_resolved_by_loss_config_and_exercised_by_the_eve
         cfg = LossConfig(algorithm="rloo")
         assert cfg.recipe is recipe and dict(recipe.defaults) == dict(BASE_DEFAULTS)
         assert (cfg.eps_low, cfg.eps_high, cfg.loss_agg, cfg.kl_coef, cfg.dynamic_sampling) == (
-            0.2, 0.28, LossAgg.TOKEN_MEAN, 0.0, True
-        )  # fmt: skip
+            0.2,
+            0.28,
+            LossAgg.TOKEN_MEAN,
+            0.0,
+            True,
+        )
         assert cfg.eps is None and cfg.alpha2 is None and cfg.scale_rewards is None
         with pytest.raises(ConfigError, match=r"loss\.alpha2=0\.2 is not read by algorithm 'rloo'.*\(gtpo\)"):
             LossConfig(algorithm="rloo", alpha2=0.2)
@@ -313,9 +317,14 @@ def test_mask_truncated_removes_truncated_responses_from_the_loss():
     assert np.all(batch.mask[0, 0] == 0) and batch.mask[0, 1].sum() == 2 and batch.mask[0, 2].sum() == 5
     # An explicit `truncated` flag wins over the length rule (the group stays informative).
     batch, _ = prepare_batch(
-        cfg, rewards=np.array([[1.0, 0.0, 0.0]]), mask=mask, old_logp=mask * 0, entropy=mask,
-        lengths=lengths, truncated=np.array([[False, True, False]]),
-    )  # fmt: skip
+        cfg,
+        rewards=np.array([[1.0, 0.0, 0.0]]),
+        mask=mask,
+        old_logp=mask * 0,
+        entropy=mask,
+        lengths=lengths,
+        truncated=np.array([[False, True, False]]),
+    )
     assert batch.mask[0, 0].sum() == 8 and batch.mask[0, 1].sum() == 0
 
 

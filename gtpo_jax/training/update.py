@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from gtpo_jax.config import Config
 from gtpo_jax.losses import LossBatch, compute_loss, finalize_diagnostics, merge_diagnostics, prepare_batch
 from gtpo_jax.models.sharding import ModelDef, batch_width, rows_sharding
+from gtpo_jax.rollout.sampler import FINISH_LENGTH
 from gtpo_jax.scoring import score
 from gtpo_jax.training.state import TrainState
 
@@ -52,7 +53,7 @@ class StepFns:
 
     # (params, groups) -> (logp, entropy) [P, G, T], in micro_batches chunks of prompts.
     score: Callable
-    # (verdicts (rewards, valid, correct, informative), groups, lengths, truncated, old_logp, entropy, ref_logp)
+    # (verdicts (rewards, valid, correct, informative), groups, lengths, finish_reason, old_logp, entropy, ref_logp)
     #   -> (LossBatch, diagnostics)
     prepare: Callable
     # (state, groups, loss_batch) -> (state, metrics, diagnostics): one optimiser step on a mini-batch.
@@ -84,11 +85,12 @@ def _scorer(model: ModelDef, cfg: Config) -> Callable:
 
 def _prepare_fn(cfg: Config) -> Callable:
     @jax.jit
-    def prepare(verdicts, groups: Groups, lengths, finish, old_logp, entropy, ref_logp):
-        truncated = finish == 1
+    def prepare(verdicts, groups: Groups, lengths, finish_reason, old_logp, entropy, ref_logp):
         rewards, valid, correct, informative = verdicts
+        truncated = finish_reason == FINISH_LENGTH
         return prepare_batch(cfg.loss, rewards=rewards, mask=groups.mask, old_logp=old_logp, entropy=entropy,
-                             lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid)  # fmt: skip
+                             lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid, correct=correct,
+                             informative=informative)  # fmt: skip
 
     return prepare
 
