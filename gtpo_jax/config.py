@@ -21,6 +21,7 @@ from typing import Any
 
 from gtpo_jax.config_sections import (
     ChatTemplate,
+    CompareSection,
     DataSection,
     DataSource,
     DType,
@@ -49,6 +50,7 @@ __all__ = [
     "DERIVED_LOSS_FIELDS",
     "SECTIONS",
     "ChatTemplate",
+    "CompareSection",
     "Config",
     "ConfigError",
     "DType",
@@ -89,6 +91,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "eval": EvalSection,
     "mesh": MeshSection,
+    "compare": CompareSection,
 }
 
 # Loss fields whose value is another section's field: `from_dict` sets them when the chosen recipe
@@ -98,8 +101,10 @@ DERIVED_LOSS_FIELDS: dict[str, tuple[str, str]] = {"max_response_len": ("rollout
 
 
 def section_fields() -> set[str]:
-    """Every "Section.field" of the run config except the loss section (checked in its own tests)."""
-    return {f"{cls.__name__}.{f.name}" for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    """Every "Section.field" a training run reads: all sections but the loss (checked in its own
+    tests) and `compare` (read by `python -m gtpo_jax.compare`, checked in its test)."""
+    return {f"{cls.__name__}.{f.name}" for cls in SECTIONS.values() if cls is not CompareSection
+            for f in dataclasses.fields(cls)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,7 @@ class Config:
     train: TrainSection
     eval: EvalSection
     mesh: MeshSection
+    compare: CompareSection
 
     def __post_init__(self) -> None:
         """Rules across sections; each section has checked its own fields."""
@@ -122,6 +128,12 @@ class Config:
             value, source = getattr(self.loss, name), getattr(getattr(self, section), field)
             if value and value != source:
                 raise ConfigError(f"loss.{name}={value!r}: must equal {section}.{field}={source} (derived from it)")
+        t, per_round = self.train, self.train.prompts_per_step * self.loss.group_size
+        if t.max_sampled_responses % per_round:
+            raise ConfigError(
+                f"train.max_sampled_responses={t.max_sampled_responses}: must be a multiple of train.prompts_per_step "
+                f"x loss.group_size = {per_round} (the responses of one sampling round)"
+            )
         top = self.rollout.prompt_buckets[-1]
         if self.data.max_prompt_tokens > top:
             raise ConfigError(

@@ -104,6 +104,7 @@ def _subclass(hint: Any, cls: type) -> bool:
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {int: "integers", str: "strings"}
 
 
 def _typed(where: str, hint: Any, value: Any) -> Any:
@@ -113,10 +114,11 @@ def _typed(where: str, hint: Any, value: Any) -> Any:
     kind = scalar_type(hint)
     if _subclass(kind, enum.StrEnum):
         return parse_enum(kind, value, where)
-    if typing.get_origin(kind) is tuple:  # tuple[int, ...]
-        if isinstance(value, list | tuple) and all(_is(int, v) for v in value):
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...], tuple[str, ...]
+        item = typing.get_args(kind)[0]
+        if isinstance(value, list | tuple) and all(_is(item, v) for v in value):
             return tuple(value)
-        raise ConfigError(f"{where}={show(value)}: expected a list of integers")
+        raise ConfigError(f"{where}={show(value)}: expected a list of {_PLURALS[item]}")
     if not _is(kind, value):
         raise ConfigError(f"{where}={show(value)}: expected {_TYPE_NAMES[kind]}")
     return value
@@ -355,6 +357,10 @@ class TrainSection(Section):
     log_every: int = 1
     # Stop after this many steps in this process (0 = no limit); for tests and preemption drills.
     stop_after: int = 0
+    # Sampling budget: the run ends once this many responses have been generated, refills of
+    # dynamic sampling included (0 = no budget; train.steps alone ends the run). A multiple of
+    # prompts_per_step x loss.group_size; the last step's refills are capped to stay within it.
+    max_sampled_responses: int = 0
 
     def _validate(self) -> None:
         self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches", "micro_batches")
@@ -368,6 +374,7 @@ class TrainSection(Section):
         self._at_least(0, "checkpoint_every", why=" (0 = only at the end)")
         self._at_least(1, "keep_checkpoints", "log_every")
         self._at_least(0, "stop_after", why=" (0 = no limit)")
+        self._at_least(0, "max_sampled_responses", why=" (0 = no budget)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,11 +387,32 @@ class EvalSection(Section):
     samples: int = 4
     # Sampling temperature of the evaluation (0 = greedy, then samples is forced to 1).
     temperature: float = 1.0
+    # Also measure greedy pass@1 (one argmax response per prompt), beside the sampled metrics:
+    # a policy that only gets sharper raises avg@k at temperature 1 without solving more.
+    greedy: bool = True
 
     def _validate(self) -> None:
         self._at_least(0, "every", why=" (0 = only at start and end)")
         self._at_least(1, "num_prompts", "samples")
         self._at_least(0, "temperature", why=" (0 = greedy)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSection(Section):
+    """Read by `python -m gtpo_jax.compare` only (a training run ignores it)."""
+
+    _name = "compare"
+    # The grid's variants: "name" (the registered recipe of that name) or
+    # "name:algorithm:field=value,field=value" (a recipe with loss fields changed).
+    variants: tuple[str, ...] = ("grpo", "dapo", "gtpo", "grpo_s", "gtpo_joint:gtpo:gtpo_norm=joint")
+    # Seeds: each has its own initialisation, warm-up, prompt order and sampling, shared by its variants.
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+    def _validate(self) -> None:
+        names = [v.split(":", 1)[0] for v in self.variants]
+        self._check(bool(names) and all(names), "variants", "must name at least one variant, none empty")
+        self._check(len(set(names)) == len(names), "variants", "variant names must be distinct")
+        self._check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", "must be distinct, >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

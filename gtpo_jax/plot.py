@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 PANELS = {
     "reward": ("reward_mean", "pass_rate", "eval/avg@4", "eval/pass@4"),
     "entropy": ("entropy_mean", "entropy_pos", "entropy_neg"),
@@ -75,3 +77,79 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+def _curves(records_by_seed: list[list[dict]], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """`(xs, ys [seeds, xs])` of metric `y` against `x`: each seed's points interpolated linearly
+    onto the union of all seeds' x values, over the range every seed covers."""
+    series = []
+    for records in records_by_seed:
+        points = sorted((r[x], r[y]) for r in records if r.get(y) is not None and r.get(x) is not None)
+        if points:
+            series.append(np.asarray(points, float).T)
+    if len(series) < len(records_by_seed) or not series:
+        return np.zeros(0), np.zeros((0, 0))
+    low, high = max(s[0, 0] for s in series), min(s[0, -1] for s in series)
+    xs = np.unique(np.concatenate([s[0] for s in series]))
+    xs = xs[(xs >= low) & (xs <= high)]
+    return xs, np.asarray([np.interp(xs, s[0], s[1]) for s in series])
+
+
+def _grid_panel(ax, runs: dict[str, list[list[dict]]], x: str, y: str, label: str = "") -> None:
+    """One line per variant (the mean over seeds) with a band from the lowest to the highest seed."""
+    for variant, records_by_seed in runs.items():
+        xs, ys = _curves(records_by_seed, x, y)
+        if len(xs):
+            line = ax.plot(xs, ys.mean(axis=0), label=f"{variant}{label}")[0]
+            ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.grid(alpha=0.3)
+
+
+def plot_grid(root: str | Path, results: list[dict]) -> list[Path]:
+    """The comparison's figures under `root/plots` (see `gtpo_jax.compare`); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root, runs = Path(root), {}
+    for r in results:  # each run's records, with its start evaluation at 0 sampled responses
+        start = {"sampled_responses": 0.0, "step": 0, **{f"eval/{k}": v for k, v in r["start"].items()}}
+        runs.setdefault(r["variant"], []).append([start, *read_metrics(root / r["variant"] / f"seed{r['seed']}")])
+    figures = {
+        "accuracy": [("sampled_responses", "eval/greedy_pass@1", ""), ("sampled_responses", "eval/avg@16", " avg@16")],
+        "entropy": [("step", "entropy_pos", " O+"), ("step", "entropy_neg", " O-")],
+        "length": [("step", "len_mean", "")],
+        "signs": [("step", "wrong_sign_pos", " wrong-sign O+"), ("step", "wrong_sign_neg", " wrong-sign O-"),
+                  ("step", "shaping_delta", " |A - A unshaped|")],
+    }  # fmt: skip
+    out, written = root / "plots", []
+    out.mkdir(parents=True, exist_ok=True)
+    for name, panels in figures.items():
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for x, y, label in panels:
+            _grid_panel(ax, runs, x, y, label)
+        written.append(_save(fig, ax, out / f"{name}.png", f"{root.name}: {name}"))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for variant in runs:
+        curves = [{int(k[5:]): v for k, v in r["final"].items() if k.startswith("pass@")} for r in results
+                  if r["variant"] == variant]  # fmt: skip
+        ks = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(ks, [np.mean([c[k] for c in curves]) for k in ks], marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    written.append(_save(fig, ax, out / "pass_at_k.png", f"{root.name}: pass@k at the end (mean over seeds)"))
+    return written
+
+
+def _save(fig, ax, path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -73,7 +73,7 @@ def test_state_of_another_pipeline_is_refused_and_bad_config_named():
     state = PromptPipeline(RECORDS, CFG).get_state()
     with pytest.raises(ValueError, match="seed: saved 7, now 8"):
         PromptPipeline(RECORDS, PipelineConfig(batch_size=4, seed=8)).set_state(state)
-    with pytest.raises(ValueError, match="data.batch_size=0"):
+    with pytest.raises(ValueError, match="PipelineConfig.batch_size=0"):
         PipelineConfig(batch_size=0)
     with pytest.raises(ValueError, match="holds 3 prompts, fewer than one batch"):
         PromptPipeline(RECORDS[:3], PipelineConfig(batch_size=4))

@@ -227,3 +227,8 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
     batch, _, stats = collect_lib.collect(run, None, None, batches, jax.random.key(0))
     assert stats["sampling_rounds"] == 2 and stats["informative_groups"] == 2
     assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()
+
+
+def test_too_few_prompts_for_one_step_names_the_users_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"^train\.prompts_per_step=16: host 0 of 1 holds 4 prompts"):
+        Trainer(tiny_config(tmp_path, **{"data.num_train": 4, "train.prompts_per_step": 16}))

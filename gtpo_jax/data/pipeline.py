@@ -43,11 +43,11 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"data.batch_size={self.batch_size}: must be >= 1")
+            raise ValueError(f"PipelineConfig.batch_size={self.batch_size}: must be >= 1")
         if self.num_epochs < 0:
-            raise ValueError(f"data.num_epochs={self.num_epochs}: must be >= 0 (0 = forever)")
+            raise ValueError(f"PipelineConfig.num_epochs={self.num_epochs}: must be >= 0 (0 = forever)")
         if self.max_prompt_tokens < 0:
-            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0 = no limit)")
+            raise ValueError(f"PipelineConfig.max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0 = no limit)")
 
 
 class PromptPipeline:
@@ -84,7 +84,7 @@ class PromptPipeline:
         if self.shard_size < cfg.batch_size:
             raise ValueError(
                 f"host {process_index} of {process_count} holds {self.shard_size} prompts, fewer than one batch "
-                f"(data.batch_size={cfg.batch_size}); {len(kept)} prompts remain after filtering"
+                f"of {cfg.batch_size}; {len(kept)} prompts remain after filtering"
             )
         dataset = shard.seed(cfg.seed)
         if cfg.shuffle:

@@ -134,7 +134,11 @@ def prompt_pipeline(cfg: Config, records: list[dict[str, Any]], encode: PromptEn
     rollout itself is split over the processes' devices (training/collect.py)."""
     settings = PipelineConfig(batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed,
                               max_prompt_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
-    return PromptPipeline(records, settings, prompt_tokens=lambda r: len(encode(r)))
+    try:
+        return PromptPipeline(records, settings, prompt_tokens=lambda r: len(encode(r)))
+    except ValueError as e:  # too few prompts for one step, named as the user wrote it
+        n, limit = cfg.train.prompts_per_step, cfg.data.max_prompt_tokens
+        raise ConfigError(f"train.prompts_per_step={n}: {e} (data.max_prompt_tokens={limit})") from None
 
 
 def reward_pool(cfg: Config, train: list[dict[str, Any]], test: list[dict[str, Any]]) -> RewardPool:

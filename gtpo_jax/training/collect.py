@@ -226,18 +226,22 @@ def sampling_stats(parts: Sequence[GroupBatch], success_threshold: float) -> dic
 
 
 def collect(
-    run: Run, params: Any, pool: RewardPool, batches: Iterator[list[dict[str, Any]]], key: jax.Array
-) -> tuple[GroupBatch, Verdicts, dict[str, float]]:
+    run: Run, params: Any, pool: RewardPool, batches: Iterator[list[dict[str, Any]]], key: jax.Array,
+    max_rounds: int | None = None,
+) -> tuple[GroupBatch, Verdicts, dict[str, float]]:  # fmt: skip
     """One rollout batch of exactly `train.prompts_per_step` groups, its verdicts, and collection
-    statistics (`sampling_stats`, plus the rounds, prompts sampled and informative groups)."""
+    statistics (`sampling_stats`, plus the rounds, prompts sampled and informative groups).
+    `max_rounds` caps the sampling rounds (the rest of a sampling budget), refills included."""
     cfg = run.cfg
+    limit = cfg.rollout.max_refill_rounds + 1 if cfg.loss.dynamic_sampling else 1
+    limit = limit if max_rounds is None else max(1, min(limit, max_rounds))
     num_prompts, dynamic = cfg.train.prompts_per_step, bool(cfg.loss.dynamic_sampling)
     rule = dict(success_threshold=cfg.loss.success_threshold, mask_truncated=bool(cfg.loss.mask_truncated))
     parts: list[GroupBatch] = []
     kept: list[tuple[int, int]] = []
     spare: list[tuple[int, int]] = []
     rounds = sampled = 0
-    for rounds in range(cfg.rollout.max_refill_rounds + 1 if dynamic else 1):
+    for rounds in range(limit):
         part = draw(run, params, pool, next(batches), jax.random.fold_in(key, rounds))
         parts.append(part)
         sampled += len(part.records)

@@ -50,9 +50,10 @@ def evaluate_policy(
     temperature: float,
     chunk: int = 64,
 ) -> dict[str, float]:
-    """`{"avg@k", "pass@1", "pass@k", "prompts", "reward_invalid_frac"}` over `records`, `k = samples`
-    (1 when greedy). Chunks are padded to a multiple of the mesh's batch width, so the prompts stay
-    split over the devices instead of being replicated on each, and compile once."""
+    """`{"avg@k", "pass@1", "pass@2", ..., "pass@k", "prompts", "reward_invalid_frac"}` over `records`,
+    `k = samples` (1 when greedy; see `summarize`). Chunks are padded to a multiple of the mesh's
+    batch width, so the prompts stay split over the devices instead of being replicated on each,
+    and compile once."""
     k = 1 if temperature == 0 else samples
     sampling = run.sampling._replace(rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature),
                                      group_size=k)  # fmt: skip
@@ -67,14 +68,25 @@ def evaluate_policy(
         correct = ((batch.rewards > run.cfg.loss.success_threshold) & batch.valid)[:real]
         invalid += int((~batch.valid)[:real].sum())
         correct_counts += [int(c) for c in correct.sum(axis=1)]
+    return summarize(correct_counts, k, invalid)
+
+
+def summarize(correct_counts: Sequence[int], k: int, invalid: int = 0) -> dict[str, float]:
+    """avg@k, pass@j for j = 1, 2, 4, ..., k (and k itself), the prompt count and the invalid
+    fraction, from the number of correct samples of each prompt (`k` samples each)."""
     n = len(correct_counts)
+    ks = sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k})
     return {
         f"avg@{k}": float(np.sum(correct_counts) / (n * k)),
-        "pass@1": float(np.mean([pass_at_k(k, c, 1) for c in correct_counts])),
-        f"pass@{k}": float(np.mean([pass_at_k(k, c, k) for c in correct_counts])),
+        **{f"pass@{j}": float(np.mean([pass_at_k(k, c, j) for c in correct_counts])) for j in ks},
         "prompts": float(n),
         "reward_invalid_frac": invalid / (n * k),
     }
+
+
+def pass_curve(result: dict[str, float]) -> dict[int, float]:
+    """`{k: pass@k}` of an evaluation result (the sampled pass@k, not the greedy one)."""
+    return {int(key[5:]): v for key, v in result.items() if key.startswith("pass@")}
 
 
 def evaluate(
@@ -86,18 +98,16 @@ def evaluate(
     samples: int | None = None,
     num_prompts: int | None = None,
 ) -> dict[str, float]:
-    """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it);
-    `{}` when there are no held-out records."""
+    """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it),
+    plus `greedy_pass@1` under `eval.greedy`; `{}` when there are no held-out records."""
     e = run.cfg.eval
     records = list(records[: num_prompts or e.num_prompts])
     if not records:
         return {}
-    return evaluate_policy(
-        run,
-        params,
-        pool,
-        records,
-        eval_key(run.cfg.train.seed),
-        samples=samples or e.samples,
-        temperature=e.temperature,
-    )
+    key = eval_key(run.cfg.train.seed)
+    result = evaluate_policy(run, params, pool, records, key, samples=samples or e.samples, temperature=e.temperature)
+    if e.greedy and e.temperature > 0:
+        greedy = evaluate_policy(run, params, pool, records, key, samples=1, temperature=0.0)
+        result["greedy_pass@1"] = greedy["pass@1"]
+        result["reward_invalid_frac"] = max(result["reward_invalid_frac"], greedy["reward_invalid_frac"])
+    return result

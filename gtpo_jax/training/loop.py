@@ -82,7 +82,8 @@ def _fmt(result: dict[str, float]) -> str:
 class Trainer:
     """One training run of `cfg`: `run()` trains (resuming if asked), `step()` makes one RL step."""
 
-    def __init__(self, cfg: Config, *, mesh: Mesh | None = None):
+    def __init__(self, cfg: Config, *, mesh: Mesh | None = None, params: Any = None):
+        """`params`: the policy to start from (e.g. a shared warm-up's), instead of the config's."""
         self.cfg, self.built = cfg, build(cfg, mesh, train=True)
         self.train_records, self.test_records = load_data(cfg)
         self.pool = reward_pool(cfg, self.train_records, self.test_records)
@@ -90,9 +91,11 @@ class Trainer:
         directory = f"{cfg.train.run_dir.rstrip('/')}/checkpoints"
         self.checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints)
         self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.steps)
-        self.state = self._fresh_state(initial_params(self.built))
+        self.state = self._fresh_state(initial_params(self.built) if params is None else params)
         self.ref_params = None
-        self.meta: dict[str, Any] = {"config": to_dict(cfg)}
+        # Run facts saved with every checkpoint; `sampled_responses` counts every response generated
+        # by completed steps (refills included), for the sampling budget.
+        self.meta: dict[str, Any] = {"config": to_dict(cfg), "sampled_responses": 0}
 
     def _fresh_state(self, params: Any) -> TrainState:
         return init_state(params, self.built.optimizer, self.cfg.train.seed, mesh=self.built.mesh)
@@ -124,7 +127,8 @@ class Trainer:
     def rollout(self) -> tuple[Any, Groups, Any, dict[str, Any]]:
         """Collects this step's groups and makes the loss batch: `(batch, groups, loss batch, stats)`."""
         b, t0 = self.built, time.time()
-        batch, verdicts, stats = collect(b, self.state.params, self.pool, self.pipeline, self.state.key(0))
+        batch, verdicts, stats = collect(b, self.state.params, self.pool, self.pipeline, self.state.key(0),
+                                         max_rounds=self._rounds_left())  # fmt: skip
         stats["rollout_time_s"] = time.time() - t0
         check_reward_health(stats, batch.first_error, self.cfg.reward, int(self.state.step) + 1)
         r = batch.rollout
@@ -152,8 +156,18 @@ class Trainer:
             self.pipeline.set_state(data_state)
             return None
         record.update(self.update(groups, loss_batch))
+        self.meta["sampled_responses"] += int(record["prompts_sampled"]) * self.cfg.loss.group_size
+        record["sampled_responses"] = float(self.meta["sampled_responses"])
         self.state = self.state._replace(step=self.state.step + 1)
         return record | _length_stats(batch, record, self.cfg.train.ppo_epochs) | {"step_time_s": time.time() - t0}
+
+    def _rounds_left(self) -> int | None:
+        """Sampling rounds of `prompts_per_step x G` responses left in the budget (None: no budget)."""
+        t = self.cfg.train
+        if not t.max_sampled_responses:
+            return None
+        left = t.max_sampled_responses - self.meta["sampled_responses"]
+        return max(left, 0) // (t.prompts_per_step * self.cfg.loss.group_size)
 
     def _start(self) -> None:
         """A fresh run: warm-up, start evaluation, the KL reference, and the step-0 checkpoint (a
@@ -198,7 +212,7 @@ class Trainer:
         self._start()
         ran = 0
         with PreemptionGuard() as guard:
-            while int(self.state.step) < self.cfg.train.steps:
+            while int(self.state.step) < self.cfg.train.steps and self._rounds_left() != 0:
                 record = self.step(lambda: agreed(guard.requested))
                 ran += record is not None
                 why = self._after_step(record, ran, guard)
@@ -213,16 +227,17 @@ class Trainer:
         self.meta["final_eval"] = final
         if self.checkpointer.latest_step() != step:
             self.save()
-        self.metrics.write(step, {f"eval/{k}": v for k, v in final.items()})
+        self.metrics.write(step, {"sampled_responses": self.meta["sampled_responses"],
+                                  **{f"eval/{k}": v for k, v in final.items()}})  # fmt: skip
         start = self.meta.get("start_eval", {})
         self.metrics.message(f"final: held-out {_fmt(final)}")
-        if start:
-            key = next(k for k in final if k.startswith("avg@"))
+        for key in [k for k in final if k.startswith("avg@") or k == "greedy_pass@1"] if start else []:
             self.metrics.message(
                 f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% "
                 f"after {step} steps ({100 * (final[key] - start[key]):+.1f} points)"
             )
-        return {"start_eval": start, "final_eval": final, "skipped_updates": int(self.state.skipped)}
+        return {"start_eval": start, "final_eval": final, "skipped_updates": int(self.state.skipped),
+                "sampled_responses": self.meta["sampled_responses"], "steps": step}  # fmt: skip
 
     def close(self) -> None:
         self.pool.close()
