@@ -59,16 +59,22 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for v in variants:
         runs = [r for r in results if r["variant"] == v]
         row = {m: _stats([r["final"].get(m, np.nan) for r in runs]) for m in metrics}
-        row |= {f"delta_{m}": _stats([r["final"].get(m, np.nan) - r["start"].get(m, np.nan) for r in runs])
-                for m in metrics}  # fmt: skip
-        table[v] = row | {"seeds": [r["seed"] for r in runs], "wall_s": _stats([r["wall_s"] for r in runs]),
-                          "mean_response_tokens": _stats([r["mean_response_tokens"] for r in runs])}  # fmt: skip
+        row |= {
+            f"delta_{m}": _stats([r["final"].get(m, np.nan) - r["start"].get(m, np.nan) for r in runs]) for m in metrics
+        }
+        table[v] = row | {
+            "seeds": [r["seed"] for r in runs],
+            "wall_s": _stats([r["wall_s"] for r in runs]),
+            "mean_response_tokens": _stats([r["mean_response_tokens"] for r in runs]),
+        }
     paired = {}
     for v in variants if BASELINE in variants else []:
         seeds = sorted(s for (name, s) in by if name == v and (BASELINE, s) in by)
         if v != BASELINE and seeds:
-            diff = {m: [by[(v, s)]["final"].get(m, np.nan) - by[(BASELINE, s)]["final"].get(m, np.nan) for s in seeds]
-                    for m in metrics}  # fmt: skip
+            diff = {
+                m: [by[(v, s)]["final"].get(m, np.nan) - by[(BASELINE, s)]["final"].get(m, np.nan) for s in seeds]
+                for m in metrics
+            }
             paired[f"{v} - {BASELINE}"] = {"seeds": seeds, **{m: _stats(d) for m, d in diff.items()}}
     budgets = sorted({r["sampled_responses"] for r in results})
     return {"metrics": list(metrics), "sampled_responses": budgets, "variants": table, "paired": paired,
@@ -79,19 +85,32 @@ def markdown(summary: dict[str, Any]) -> str:
     """The summary as two Markdown tables: per variant, and paired differences from the baseline."""
     metrics = summary["metrics"]
     pct = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"  # noqa: E731
-    head = ["variant", "seeds", *[f"final {m} (%)" for m in metrics], *[f"Δ {m} (points)" for m in metrics],
-            "response tokens", "wall s"]  # fmt: skip
+    head = [
+        "variant",
+        "seeds",
+        *[f"final {m} (%)" for m in metrics],
+        *[f"Δ {m} (points)" for m in metrics],
+        "response tokens",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for v, row in summary["variants"].items():
-        cells = [v, str(len(row["seeds"])), *[pct(row[m]) for m in metrics], *[pct(row[f"delta_{m}"]) for m in metrics],
-                 f"{row['mean_response_tokens']['mean']:.1f}", f"{row['wall_s']['mean']:.0f}"]  # fmt: skip
+        cells = [
+            v,
+            str(len(row["seeds"])),
+            *[pct(row[m]) for m in metrics],
+            *[pct(row[f"delta_{m}"]) for m in metrics],
+            f"{row['mean_response_tokens']['mean']:.1f}",
+            f"{row['wall_s']['mean']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     budget = summary["sampled_responses"]
     lines += ["", f"Paired differences at the end, per seed (points), budget {budget} sampled responses:", ""]
     lines += ["| difference | " + " | ".join(metrics) + " |", "|" + " --- |" * (len(metrics) + 1)]
     for name, d in summary["paired"].items():
-        per_seed = [", ".join(f"{100 * x:+.1f}" for x in d[m]["values"]) + f" (mean {100 * d[m]['mean']:+.1f})"
-                    for m in metrics]  # fmt: skip
+        per_seed = [
+            ", ".join(f"{100 * x:+.1f}" for x in d[m]["values"]) + f" (mean {100 * d[m]['mean']:+.1f})" for m in metrics
+        ]
         lines.append(f"| {name} | " + " | ".join(per_seed) + " |")
     return "\n".join(lines) + "\n"
 

@@ -103,8 +103,12 @@ DERIVED_LOSS_FIELDS: dict[str, tuple[str, str]] = {"max_response_len": ("rollout
 def section_fields() -> set[str]:
     """Every "Section.field" a training run reads: all sections but the loss (checked in its own
     tests) and `compare` (read by `python -m gtpo_jax.compare`, checked in its test)."""
-    return {f"{cls.__name__}.{f.name}" for cls in SECTIONS.values() if cls is not CompareSection
-            for f in dataclasses.fields(cls)}  # fmt: skip
+    return {
+        f"{cls.__name__}.{f.name}"
+        for cls in SECTIONS.values()
+        if cls is not CompareSection
+        for f in dataclasses.fields(cls)
+    }
 
 
 @dataclasses.dataclass(frozen=True)

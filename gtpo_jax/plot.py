@@ -133,8 +133,11 @@ def plot_grid(root: str | Path, results: list[dict]) -> list[Path]:
         written.append(_save(fig, ax, out / f"{name}.png", f"{root.name}: {name}"))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for variant in runs:
-        curves = [{int(k[5:]): v for k, v in r["final"].items() if k.startswith("pass@")} for r in results
-                  if r["variant"] == variant]  # fmt: skip
+        curves = [
+            {int(k[5:]): v for k, v in r["final"].items() if k.startswith("pass@")}
+            for r in results
+            if r["variant"] == variant
+        ]
         ks = sorted(set.intersection(*(set(c) for c in curves)))
         ax.plot(ks, [np.mean([c[k] for c in curves]) for k in ks], marker="o", label=variant)
     ax.set_xscale("log", base=2)

@@ -28,7 +28,10 @@ def _values(root, **overrides):
 def test_variants_parse_into_a_recipe_and_loss_fields():
     assert parse_variant("dapo") == ("dapo", "dapo", {})
     assert parse_variant("gtpo_joint:gtpo:gtpo_norm=joint,alpha2=0.2") == (
-        "gtpo_joint", "gtpo", {"gtpo_norm": "joint", "alpha2": 0.2})  # fmt: skip
+        "gtpo_joint",
+        "gtpo",
+        {"gtpo_norm": "joint", "alpha2": 0.2},
+    )
     with pytest.raises(ConfigError, match="not field=value"):
         parse_variant("x:gtpo:gtpo_norm")
 
@@ -89,6 +92,16 @@ def test_summary_statistics_by_hand():
 
 
 def test_the_command_line_refuses_an_unknown_field():
-    out = subprocess.run([sys.executable, "-m", "gtpo_jax.compare", f"--config={ROOT / 'configs/default.py'}",
-                          "--config.compare.seedz=1"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gtpo_jax.compare",
+            f"--config={ROOT / 'configs/default.py'}",
+            "--config.compare.seedz=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 1 and "did you mean 'seeds'" in out.stderr

@@ -226,9 +226,13 @@ def sampling_stats(parts: Sequence[GroupBatch], success_threshold: float) -> dic
 
 
 def collect(
-    run: Run, params: Any, pool: RewardPool, batches: Iterator[list[dict[str, Any]]], key: jax.Array,
+    run: Run,
+    params: Any,
+    pool: RewardPool,
+    batches: Iterator[list[dict[str, Any]]],
+    key: jax.Array,
     max_rounds: int | None = None,
-) -> tuple[GroupBatch, Verdicts, dict[str, float]]:  # fmt: skip
+) -> tuple[GroupBatch, Verdicts, dict[str, float]]:
     """One rollout batch of exactly `train.prompts_per_step` groups, its verdicts, and collection
     statistics (`sampling_stats`, plus the rounds, prompts sampled and informative groups).
     `max_rounds` caps the sampling rounds (the rest of a sampling budget), refills included."""

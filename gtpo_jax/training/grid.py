@@ -87,9 +87,18 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
         if warmup_steps:
             log(f"warm-up of seed {cfg.train.seed}: {warmup_steps} supervised steps -> {directory}")
             w = dataclasses.replace(cfg.warmup, steps=warmup_steps)
-            params = supervised_warmup(run.model.merge, params, load_data(cfg)[0], run.encode, run.tok, w,
-                                       seed=cfg.train.seed, width=cfg.rollout.max_new_tokens,
-                                       buckets=cfg.rollout.prompt_buckets, log=log)  # fmt: skip
+            params = supervised_warmup(
+                run.model.merge,
+                params,
+                load_data(cfg)[0],
+                run.encode,
+                run.tok,
+                w,
+                seed=cfg.train.seed,
+                width=cfg.rollout.max_new_tokens,
+                buckets=cfg.rollout.prompt_buckets,
+                log=log,
+            )
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()
@@ -122,11 +131,16 @@ def run_cell(cfg: Config, variant: str, params: Any) -> dict[str, Any]:
     if "final_eval" not in out:  # stopped (SIGTERM, stop_after): the same command resumes it
         return {}
     result = {
-        "variant": parse_variant(variant)[0], "algorithm": cfg.loss.algorithm, "seed": cfg.train.seed,
-        "sampled_responses": out["sampled_responses"], "steps": out["steps"],
-        "wall_s": spent + time.time() - t0, "mean_response_tokens": mean_response_tokens(directory),
-        "start": out["start_eval"], "final": out["final_eval"],
-    }  # fmt: skip
+        "variant": parse_variant(variant)[0],
+        "algorithm": cfg.loss.algorithm,
+        "seed": cfg.train.seed,
+        "sampled_responses": out["sampled_responses"],
+        "steps": out["steps"],
+        "wall_s": spent + time.time() - t0,
+        "mean_response_tokens": mean_response_tokens(directory),
+        "start": out["start_eval"],
+        "final": out["final_eval"],
+    }
     (directory / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -156,8 +170,10 @@ def run_grid(values: Mapping[str, Any], log: Callable[[str], None] = print) -> d
         results.append(result)
         times.append(time.time() - start)
         eta = np.mean(times) * (len(cells) - i - 1)
-        log(f"[{i + 1}/{len(cells)}] {variant} seed {seed}: {_brief(result)}; grid elapsed "
-            f"{(time.time() - t0) / 60:.1f} min, eta {eta / 60:.1f} min")  # fmt: skip
+        log(
+            f"[{i + 1}/{len(cells)}] {variant} seed {seed}: {_brief(result)}; grid elapsed "
+            f"{(time.time() - t0) / 60:.1f} min, eta {eta / 60:.1f} min"
+        )
     return {"root": str(root), "results": results, "stopped": False}
 
 

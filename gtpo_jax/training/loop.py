@@ -227,8 +227,9 @@ class Trainer:
         self.meta["final_eval"] = final
         if self.checkpointer.latest_step() != step:
             self.save()
-        self.metrics.write(step, {"sampled_responses": self.meta["sampled_responses"],
-                                  **{f"eval/{k}": v for k, v in final.items()}})  # fmt: skip
+        self.metrics.write(
+            step, {"sampled_responses": self.meta["sampled_responses"], **{f"eval/{k}": v for k, v in final.items()}}
+        )
         start = self.meta.get("start_eval", {})
         self.metrics.message(f"final: held-out {_fmt(final)}")
         for key in [k for k in final if k.startswith("avg@") or k == "greedy_pass@1"] if start else []:
@@ -236,8 +237,13 @@ class Trainer:
                 f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% "
                 f"after {step} steps ({100 * (final[key] - start[key]):+.1f} points)"
             )
-        return {"start_eval": start, "final_eval": final, "skipped_updates": int(self.state.skipped),
-                "sampled_responses": self.meta["sampled_responses"], "steps": step}  # fmt: skip
+        return {
+            "start_eval": start,
+            "final_eval": final,
+            "skipped_updates": int(self.state.skipped),
+            "sampled_responses": self.meta["sampled_responses"],
+            "steps": step,
+        }
 
     def close(self) -> None:
         self.pool.close()
