@@ -64,10 +64,17 @@ def main() -> None:
     }
     record: dict = {
         "benchmark": "logprobs_entropy_value_and_grad",
-        "B": args.B, "T": args.T, "d": args.d, "V": args.V, "dtype": args.dtype,
-        "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk,
-        "baseline": BASELINE, "backend": jax.default_backend(), "jax": jax.__version__,
-    }  # fmt: skip
+        "B": args.B,
+        "T": args.T,
+        "d": args.d,
+        "V": args.V,
+        "dtype": args.dtype,
+        "token_chunk": args.token_chunk,
+        "vocab_chunk": args.vocab_chunk,
+        "baseline": BASELINE,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
     compiled = {}
     for name, op in ops.items():
         start = time.perf_counter()

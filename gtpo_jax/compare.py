@@ -77,8 +77,13 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             }
             paired[f"{v} - {BASELINE}"] = {"seeds": seeds, **{m: _stats(d) for m, d in diff.items()}}
     budgets = sorted({r["sampled_responses"] for r in results})
-    return {"metrics": list(metrics), "sampled_responses": budgets, "variants": table, "paired": paired,
-            "runs": list(results)}  # fmt: skip
+    return {
+        "metrics": list(metrics),
+        "sampled_responses": budgets,
+        "variants": table,
+        "paired": paired,
+        "runs": list(results),
+    }
 
 
 def markdown(summary: dict[str, Any]) -> str:

@@ -36,9 +36,12 @@ class Rollout:
             return y
 
         return dataclasses.replace(
-            self, entropy=fill(self.entropy), old_logp=fill(self.old_logp), logp=fill(self.logp),
+            self,
+            entropy=fill(self.entropy),
+            old_logp=fill(self.old_logp),
+            logp=fill(self.logp),
             ref_logp=fill(self.ref_logp),
-        )  # fmt: skip
+        )
 
 
 def make_rollout(

@@ -17,8 +17,15 @@ BUDGET = 48  # 3 sampling rounds of prompts_per_step x G = 4 x 4
 
 def _values(root, **overrides):
     c = load_config_file("configs/default.py")
-    settings = {**TINY, "train.run_dir": str(root), "train.steps": 10, "train.max_sampled_responses": BUDGET,
-                "compare.variants": ("grpo", "dapo"), "compare.seeds": (0,), **overrides}  # fmt: skip
+    settings = {
+        **TINY,
+        "train.run_dir": str(root),
+        "train.steps": 10,
+        "train.max_sampled_responses": BUDGET,
+        "compare.variants": ("grpo", "dapo"),
+        "compare.seeds": (0,),
+        **overrides,
+    }
     for key, value in settings.items():
         section, field = key.split(".")
         c[section][field] = value
@@ -81,8 +88,15 @@ def test_summary_statistics_by_hand():
     def run(variant, seed, greedy):
         final = {"greedy_pass@1": greedy, "avg@4": greedy, "pass@4": greedy}
         start = dict.fromkeys(final, 0.1)
-        return {"variant": variant, "seed": seed, "final": final, "start": start, "sampled_responses": 8,
-                "wall_s": 1.0, "mean_response_tokens": 20.0}  # fmt: skip
+        return {
+            "variant": variant,
+            "seed": seed,
+            "final": final,
+            "start": start,
+            "sampled_responses": 8,
+            "wall_s": 1.0,
+            "mean_response_tokens": 20.0,
+        }
 
     s = summarize([run("dapo", 0, 0.2), run("dapo", 1, 0.4), run("gtpo", 0, 0.3), run("gtpo", 1, 0.3)])
     assert s["variants"]["dapo"]["greedy_pass@1"]["mean"] == pytest.approx(0.3)

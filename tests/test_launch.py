@@ -34,8 +34,9 @@ def test_shellcheck_passes():
     ],
 )
 def test_supervisor_dry_run_recreates_sets_up_and_resumes(accelerator, zone, workers, version):
-    lines = dry_run("--zone", zone, "--type", accelerator, "--spot", "--run-dir", "gs://bucket/run",
-                    "--name", "exp1", "supervise")  # fmt: skip
+    lines = dry_run(
+        "--zone", zone, "--type", accelerator, "--spot", "--run-dir", "gs://bucket/run", "--name", "exp1", "supervise"
+    )
     assert lines[0] == [f"# slice exp1: {accelerator} in {zone}, {workers} worker(s), version {version}, spot"]
     commands = [c for c in lines if c[0] == "gcloud"]
     verbs = [c[4] for c in commands]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import re
 from pathlib import Path
 
 import pytest
@@ -113,8 +114,11 @@ def _long_definitions() -> list[str]:
     out = []
     for path in ROOT.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            limit = {ast.FunctionDef: MAX_FUNCTION_LINES, ast.AsyncFunctionDef: MAX_FUNCTION_LINES,
-                     ast.ClassDef: MAX_CLASS_LINES}.get(type(node))  # fmt: skip
+            limit = {
+                ast.FunctionDef: MAX_FUNCTION_LINES,
+                ast.AsyncFunctionDef: MAX_FUNCTION_LINES,
+                ast.ClassDef: MAX_CLASS_LINES,
+            }.get(type(node))
             if limit and node.end_lineno - node.lineno + 1 > limit:
                 out.append(
                     f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} "
@@ -140,7 +144,8 @@ def _is_data(node: ast.AST) -> bool:
         return all(_is_data(e) for e in node.elts)
     if isinstance(node, ast.Call):
         return all(_is_data(a) for a in [*node.args, *(k.value for k in node.keywords)])
-    return isinstance(node, ast.Name | ast.Attribute)  # a named constant inside a table
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return bool(re.fullmatch(r"_?[A-Z][A-Z0-9_]*", name))  # a named constant (FULL, Kind.INT) inside a table
 
 
 def _is_table(node: ast.AST | None) -> bool:
@@ -174,6 +179,8 @@ def test_fmt_skip_only_on_tables():
 def test_a_call_with_variables_is_not_a_table():
     assert _is_table(ast.parse("dict(a=1, b=-2.0, c=(3, 'x'))").body[0].value)
     assert not _is_table(ast.parse("f(x + 1, y=g(z))").body[0].value)
+    assert not _is_table(ast.parse("f(self.params, records, seed=1)").body[0].value)
+    assert _is_table(ast.parse("{'a': FULL, 'b': Kind.INT, 'c': (1, 2)}").body[0].value)
 
 
 @pytest.mark.parametrize("module", ["gtpo_jax.training.loop", "gtpo_jax.evaluate", "gtpo_jax.rewards.registry"])

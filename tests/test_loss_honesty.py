@@ -62,9 +62,15 @@ def test_gtpo_penalty_enters_eq5_as_alpha1_times_minus_one_plus_penalty():
     correct = np.array([[True, False, False]])
     mask = np.ones((1, 3, 2), np.float32)
     shaped = gtpo_token_rewards_from_sets(
-        np.array([[1.0, 0.0, 0.0]]), correct, mask, mask, alpha1=2.0, alpha2=0.5, eps=0.0,
+        np.array([[1.0, 0.0, 0.0]]),
+        correct,
+        mask,
+        mask,
+        alpha1=2.0,
+        alpha2=0.5,
+        eps=0.0,
         penalty=np.array([[-0.25, 0.0, -0.5]]),
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(shaped[0, :, 0], [2 * 0.75 + 0.5, -2 - 0.5, 2 * -1.5 - 0.5], rtol=1e-6)
 
 
@@ -104,8 +110,13 @@ def test_mask_truncated_decides_the_sets_on_the_responses_that_remain(algorithm)
     ro.rewards[0, 4] = 1.0
     mask = (np.arange(7)[None, None, :] < ro.lengths[..., None]).astype(np.float32)
     kw = dict(old_logp=ro.old_logp, entropy=ro.entropy, ref_logp=ro.ref_logp)
-    b5, _ = prepare_batch(LossConfig(algorithm=algorithm, group_size=5, mask_truncated=True, max_response_len=7),
-                          rewards=ro.rewards, mask=mask, lengths=ro.lengths, **kw)  # fmt: skip
+    b5, _ = prepare_batch(
+        LossConfig(algorithm=algorithm, group_size=5, mask_truncated=True, max_response_len=7),
+        rewards=ro.rewards,
+        mask=mask,
+        lengths=ro.lengths,
+        **kw,
+    )
     b4, _ = prepare_batch(
         LossConfig(algorithm=algorithm, group_size=4),
         rewards=_without(ro.rewards, 4),

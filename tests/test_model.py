@@ -312,8 +312,13 @@ def _as_multimodal(src, dst, text_prefix, lm_head):
     save_checkpoint(tensors, dst)
     text = json.loads((src / "config.json").read_text())
     text.pop("tie_word_embeddings")  # the wrapper's configs keep it at the top level
-    config = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
-              "vision_config": {"model_type": "siglip_vision_model"}, "tie_word_embeddings": True}  # fmt: skip
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model"},
+        "tie_word_embeddings": True,
+    }
     (dst / "config.json").write_text(json.dumps(config))
 
 

@@ -74,9 +74,15 @@ def test_grpo_s_sequence_objective_golden():
     mask = jnp.array([[[1.0, 1.0], [1.0, 0.0]]])
     np.testing.assert_allclose(sequence_ratios(logp, old, mask), [[1.0, 1.5]], rtol=1e-6)
     out = policy_loss(
-        logp, old, jnp.array([[1.0, -1.0]]), mask, eps_low=0.2, eps_high=0.28,
-        ratio_level="sequence", loss_agg="seq_mean_token_mean",
-    )  # fmt: skip
+        logp,
+        old,
+        jnp.array([[1.0, -1.0]]),
+        mask,
+        eps_low=0.2,
+        eps_high=0.28,
+        ratio_level="sequence",
+        loss_agg="seq_mean_token_mean",
+    )
     np.testing.assert_allclose((out.loss_sum, out.denominator), (0.5, 2.0), rtol=1e-6)
 
 

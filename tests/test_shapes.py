@@ -27,8 +27,9 @@ def test_paper_config_train_step_traces_on_abstract_parameters(path, billions):
     assert abs(count / 1e9 - billions) < 0.1, count
     optimizer = make_optimizer(cfg.optim, t.steps * t.mini_batches)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), params)
-    fns = StepFns(graphdef, abstract, cfg.loss, optimizer, cfg.rollout.temperature, m.token_chunk, m.vocab_chunk,
-                  t.micro_batches)  # fmt: skip
+    fns = StepFns(
+        graphdef, abstract, cfg.loss, optimizer, cfg.rollout.temperature, m.token_chunk, m.vocab_chunk, t.micro_batches
+    )
     P, G, T, Lp = t.prompts_per_step, cfg.loss.group_size, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets[-1]
 
     def groups(p):
@@ -36,8 +37,17 @@ def test_paper_config_train_step_traces_on_abstract_parameters(path, billions):
 
     logp, entropy = jax.eval_shape(fns.score_fn(), state.params, groups(P))
     assert logp.shape == entropy.shape == (P, G, T) and logp.dtype == jnp.float32
-    batch, _ = jax.eval_shape(fns.prepare_fn(), SDS((P, G), jnp.float32), SDS((P, G), bool), groups(P), logp, entropy,
-                              SDS((P, G), jnp.int32), SDS((P, G), bool), None)  # fmt: skip
+    batch, _ = jax.eval_shape(
+        fns.prepare_fn(),
+        SDS((P, G), jnp.float32),
+        SDS((P, G), bool),
+        groups(P),
+        logp,
+        entropy,
+        SDS((P, G), jnp.int32),
+        SDS((P, G), bool),
+        None,
+    )
     assert batch.advantages.shape == (P, G, T) and batch.ref_logp is None  # no KL: no reference pass
     mb = P // t.mini_batches
     new_state, metrics, diagnostics = jax.eval_shape(

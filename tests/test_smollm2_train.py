@@ -36,14 +36,24 @@ def test_smollm2_gsm8k_config_runs_one_step(tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("\n".join(lines) + "\n")
     overrides = {
-        "model.preset": "smollm2_135m", "data.path": str(data), "data.test_path": str(data),
-        "rollout.max_new_tokens": 24, "rollout.prompt_buckets": (256,), "rollout.max_refill_rounds": 0,
-        "train.prompts_per_step": 2, "train.mini_batches": 1, "train.steps": 1, "warmup.steps": 0,
-        "eval.num_prompts": 2, "eval.samples": 2, "loss.group_size": 2, "reward.num_workers": 1,
+        "model.preset": "smollm2_135m",
+        "data.path": str(data),
+        "data.test_path": str(data),
+        "rollout.max_new_tokens": 24,
+        "rollout.prompt_buckets": (256,),
+        "rollout.max_refill_rounds": 0,
+        "train.prompts_per_step": 2,
+        "train.mini_batches": 1,
+        "train.steps": 1,
+        "warmup.steps": 0,
+        "eval.num_prompts": 2,
+        "eval.samples": 2,
+        "loss.group_size": 2,
+        "reward.num_workers": 1,
         # 2 prompts are padded to 8 rows to stay split over the 8 test devices: rematerialise the
         # layers to keep the backward pass within the CI machine's 24 GiB.
         "model.remat": True,
-    }  # fmt: skip
+    }
     cfg = tiny_config(tmp_path / "run", file="configs/smollm2_135m_gsm8k.py", **overrides)
     trainer = Trainer(cfg)
     try:

@@ -54,8 +54,11 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
         if algorithm == "grpo":
             (tmp_path / "d.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
             path = str(tmp_path / "d.jsonl")
-            load_data(reads.track(tiny_config(tmp_path, **{"data.source": "jsonl", "data.path": path,
-                                                           "data.test_path": path})))  # fmt: skip
+            load_data(
+                reads.track(
+                    tiny_config(tmp_path, **{"data.source": "jsonl", "data.path": path, "data.test_path": path})
+                )
+            )
             make_optimizer(replace(cfg.optim, schedule="cosine"), 10)
             # reward.max_invalid_frac is read only when a step has invalid rewards (none in this run).
             rates = {"reward_invalid_rate": 0.25, "reward_error_rate": 0.25, "reward_timeout_rate": 0.0}

@@ -33,8 +33,10 @@ def _equal(a, b):
 @pytest.fixture
 def trainer(tmp_path):
     # Plain GRPO without KL or dynamic sampling: every response token is in the loss.
-    cfg = tiny_config(tmp_path, **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 8,
-                                   "train.mini_batches": 2})  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        **{"loss.algorithm": "grpo", "loss.kl_coef": 0.0, "train.prompts_per_step": 8, "train.mini_batches": 2},
+    )
     t = Trainer(cfg)
     yield t
     t.close()

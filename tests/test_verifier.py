@@ -132,8 +132,14 @@ def test_default_task_gold_answers_score_one_with_its_exact_reward():
     c = module.get_config()
     assert c.reward.name == "exact"
     for split in ("train", "test"):
-        records = tasks.generate(c.data.task, 200, difficulty=c.data.difficulty, split=split,
-                                 prompt_style=c.data.prompt_style, operations=c.data.operations)  # fmt: skip
+        records = tasks.generate(
+            c.data.task,
+            200,
+            difficulty=c.data.difficulty,
+            split=split,
+            prompt_style=c.data.prompt_style,
+            operations=c.data.operations,
+        )
         for r in records:
             assert exact_reward(r, r["answer"], answer_pattern=c.reward.answer_pattern)[0] == 1.0, r
             assert exact_reward(r, f"\\boxed{{{r['answer']}}}", answer_pattern=c.reward.answer_pattern)[0] == 1.0

@@ -34,8 +34,9 @@ class PromptEncoder:
     def __call__(self, record: dict[str, Any]) -> list[int]:
         key = record["prompt"]
         if key not in self._cache:
-            text = render_prompt(self.tok, record, template=self.template, system_prompt=self.system_prompt,
-                                 suffix=self.suffix)  # fmt: skip
+            text = render_prompt(
+                self.tok, record, template=self.template, system_prompt=self.system_prompt, suffix=self.suffix
+            )
             self._cache[key] = self.tok.encode(text)
         return self._cache[key]
 

@@ -286,9 +286,18 @@ def gtpo_advantages(
     """
     correct = success_sets(rewards, success_threshold=success_threshold)
     return gtpo_advantages_from_sets(
-        rewards, correct, entropy, mask, alpha1=alpha1, alpha2=alpha2, eps=eps, norm=norm, scope=scope,
-        valid=valid, penalty=penalty,
-    )  # fmt: skip
+        rewards,
+        correct,
+        entropy,
+        mask,
+        alpha1=alpha1,
+        alpha2=alpha2,
+        eps=eps,
+        norm=norm,
+        scope=scope,
+        valid=valid,
+        penalty=penalty,
+    )
 
 
 def grpo_s_sequence_rewards_from_sets(

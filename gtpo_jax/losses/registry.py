@@ -149,9 +149,18 @@ def _grpo(cfg: LossConfig, x: AdvantageInputs) -> Array:
 
 def _gtpo_with(cfg: LossConfig, x: AdvantageInputs, alpha2: float, norm: GTPONorm) -> Array:
     return gtpo_advantages_from_sets(
-        x.rewards, x.correct, x.entropy, x.mask, alpha1=cfg.alpha1, alpha2=alpha2, eps=cfg.eps, norm=norm,
-        scope=cfg.norm_scope, valid=x.valid, penalty=x.penalty,
-    )  # fmt: skip
+        x.rewards,
+        x.correct,
+        x.entropy,
+        x.mask,
+        alpha1=cfg.alpha1,
+        alpha2=alpha2,
+        eps=cfg.eps,
+        norm=norm,
+        scope=cfg.norm_scope,
+        valid=x.valid,
+        penalty=x.penalty,
+    )
 
 
 def _gtpo(cfg: LossConfig, x: AdvantageInputs) -> Array:
@@ -165,9 +174,17 @@ def _gtpo_unshaped(cfg: LossConfig, x: AdvantageInputs) -> Array:
 
 def _grpo_s_with(cfg: LossConfig, x: AdvantageInputs, beta2: float, norm: GRPOSNorm) -> Array:
     return grpo_s_advantages_from_sets(
-        x.rewards, x.correct, x.entropy, x.mask, beta1=cfg.beta1, beta2=beta2, eps=cfg.eps, norm=norm,
-        valid=x.valid, penalty=x.penalty,
-    )  # fmt: skip
+        x.rewards,
+        x.correct,
+        x.entropy,
+        x.mask,
+        beta1=cfg.beta1,
+        beta2=beta2,
+        eps=cfg.eps,
+        norm=norm,
+        valid=x.valid,
+        penalty=x.penalty,
+    )
 
 
 def _grpo_s(cfg: LossConfig, x: AdvantageInputs) -> Array:

@@ -153,9 +153,15 @@ def _rope_fields(full: dict) -> dict:
 def _rope_to_hf(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
-        return {"rope_scaling": {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                                 "high_freq_factor": s.high_freq_factor,
-                                 "original_max_position_embeddings": s.original_max_position_embeddings}}  # fmt: skip
+        return {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            }
+        }
     if cfg.rope_linear_factor != 1.0:
         return {"rope_scaling": {"rope_type": "linear", "factor": cfg.rope_linear_factor}}
     return {}

@@ -17,8 +17,14 @@ from gtpo_jax.models.transformer import FULL, SLIDING, ModelConfig, RopeScaling
 # The test sizes: a few layers, a small vocabulary, GQA.
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 _QWEN2 = dict(architecture="qwen2", qkv_bias=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
-_QWEN3 = dict(FAMILIES["qwen3"].switches, architecture="qwen3", head_dim=128, rope_theta=1_000_000.0,
-              rms_norm_eps=1e-6, max_position_embeddings=40960)  # fmt: skip
+_QWEN3 = dict(
+    FAMILIES["qwen3"].switches,
+    architecture="qwen3",
+    head_dim=128,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=40960,
+)
 
 
 def _gemma3(num_layers: int, sliding_window: int, **fields) -> ModelConfig:

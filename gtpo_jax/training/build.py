@@ -92,8 +92,9 @@ def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
     model_cfg, tok = _model_and_tokenizer(cfg)
     model = ModelDef.of(model_cfg)
     t = cfg.tokenizer
-    encode = PromptEncoder(tok, template=str(t.chat_template), system_prompt=t.system_prompt,
-                           suffix=cfg.data.prompt_suffix)  # fmt: skip
+    encode = PromptEncoder(
+        tok, template=str(t.chat_template), system_prompt=t.system_prompt, suffix=cfg.data.prompt_suffix
+    )
     sampling = SamplingConfig(cfg.rollout, cfg.loss.group_size, tuple(tok.stop_ids), tok.pad_id)
     optimizer = fns = None
     if train:
@@ -107,8 +108,7 @@ def initial_params(run: Run) -> Any:
     """The policy's starting parameters, on the mesh: the checkpoint's weights, or a random init."""
     m = run.cfg.model
     if m.checkpoint:
-        policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype),
-                         remat=m.remat)  # fmt: skip
+        policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
     else:
         policy = create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)
     return nnx.to_pure_dict(nnx.state(policy))
@@ -119,8 +119,10 @@ def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     d = cfg.data
     if d.source == "task":
         common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=str(d.prompt_style), operations=d.operations)
-        return (tasks.generate(d.task, d.num_train, split="train", **common),
-                tasks.generate(d.task, d.num_test, split="test", **common))  # fmt: skip
+        return (
+            tasks.generate(d.task, d.num_train, split="train", **common),
+            tasks.generate(d.task, d.num_test, split="test", **common),
+        )
     if not d.path:
         raise ConfigError(f"data.source={str(d.source)!r} needs data.path (a file, or the tfds builder name)")
     train = list(read_records(str(d.source), d.path, str(d.fields), split="train"))
@@ -132,8 +134,9 @@ def prompt_pipeline(cfg: Config, records: list[dict[str, Any]], encode: PromptEn
     """The training prompts, `train.prompts_per_step` a step, shuffled by `data.seed`, resumable.
     Every process walks the same global order and holds the step's records (small text); the
     rollout itself is split over the processes' devices (training/collect.py)."""
-    settings = PipelineConfig(batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed,
-                              max_prompt_tokens=cfg.data.max_prompt_tokens)  # fmt: skip
+    settings = PipelineConfig(
+        batch_size=cfg.train.prompts_per_step, seed=cfg.data.seed, max_prompt_tokens=cfg.data.max_prompt_tokens
+    )
     try:
         return PromptPipeline(records, settings, prompt_tokens=lambda r: len(encode(r)))
     except ValueError as e:  # too few prompts for one step, named as the user wrote it

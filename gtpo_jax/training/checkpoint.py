@@ -86,8 +86,9 @@ class Checkpointer:
             ),
         )
         state = TrainState(**restored.state)
-        state = state._replace(opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state),
-                                                            jax.tree.leaves(state.opt_state)))  # fmt: skip
+        state = state._replace(
+            opt_state=jax.tree.unflatten(jax.tree.structure(like.opt_state), jax.tree.leaves(state.opt_state))
+        )
         return state, restored.data, restored.meta
 
     def restore_params(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:

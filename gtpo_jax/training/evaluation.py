@@ -55,8 +55,9 @@ def evaluate_policy(
     batch width, so the prompts stay split over the devices instead of being replicated on each,
     and compile once."""
     k = 1 if temperature == 0 else samples
-    sampling = run.sampling._replace(rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature),
-                                     group_size=k)  # fmt: skip
+    sampling = run.sampling._replace(
+        rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature), group_size=k
+    )
     chunk = run.place.padded_rows(min(chunk, len(records)))
     correct_counts: list[int] = []
     invalid = 0

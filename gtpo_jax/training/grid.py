@@ -13,7 +13,6 @@ variants starting from one shared warm-up, each run stopped at the same sampling
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +27,7 @@ from gtpo_jax.errors import ConfigError
 from gtpo_jax.training.build import build, initial_params, load_data
 from gtpo_jax.training.checkpoint import abstract_params
 from gtpo_jax.training.loop import Trainer
-from gtpo_jax.training.warmup import supervised_warmup
+from gtpo_jax.training.warmup import warm_up
 
 
 def _value(text: str) -> Any:
@@ -85,20 +84,8 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
             return ckptr.restore(path, abstract_params(run.model, run.mesh))
         params = initial_params(run)
         if warmup_steps:
-            log(f"warm-up of seed {cfg.train.seed}: {warmup_steps} supervised steps -> {directory}")
-            w = dataclasses.replace(cfg.warmup, steps=warmup_steps)
-            params = supervised_warmup(
-                run.model.merge,
-                params,
-                load_data(cfg)[0],
-                run.encode,
-                run.tok,
-                w,
-                seed=cfg.train.seed,
-                width=cfg.rollout.max_new_tokens,
-                buckets=cfg.rollout.prompt_buckets,
-                log=log,
-            )
+            log(f"seed {cfg.train.seed}: warm-up saved to {directory}")
+            params = warm_up(run, params, load_data(cfg)[0], steps=warmup_steps, log=log)
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()

@@ -35,14 +35,14 @@ from jax.sharding import Mesh
 
 from gtpo_jax.config import Config, to_dict
 from gtpo_jax.losses import finalize_diagnostics
-from gtpo_jax.training.build import build, initial_params, load_data, prompt_pipeline, reward_pool
+from gtpo_jax.training.build import Run, build, initial_params, load_data, prompt_pipeline, reward_pool
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
-from gtpo_jax.training.collect import GroupBatch, RewardHealthError, check_reward_health, collect
+from gtpo_jax.training.collect import GroupBatch, RewardHealthError, Verdicts, check_reward_health, collect
 from gtpo_jax.training.evaluation import evaluate
 from gtpo_jax.training.metrics import MetricsWriter
 from gtpo_jax.training.state import TrainState, init_state
 from gtpo_jax.training.update import Groups, train_on
-from gtpo_jax.training.warmup import supervised_warmup
+from gtpo_jax.training.warmup import warm_up
 
 __all__ = ["RewardHealthError", "Trainer", "agreed", "load_data"]
 
@@ -73,6 +73,45 @@ def _length_stats(batch: GroupBatch, record: dict[str, float], ppo_epochs: int) 
         "rollout_tokens_per_s": tokens / max(record["rollout_time_s"], 1e-9),
         "update_tokens_per_s": tokens * ppo_epochs / max(record["update_time_s"], 1e-9),
     }
+
+
+def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdicts: Verdicts):
+    """The scoring pass on the batch's own placed prompts and responses, then the loss batch:
+    `(groups, loss batch, diagnostics)`. Only the verdicts cross from the host to the devices."""
+    r = batch.rollout
+    groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
+    old_logp, entropy = run.fns.score(params, groups)
+    ref_logp = run.fns.score(ref_params, groups)[0] if ref_params is not None else None
+    verdicts = run.place.put(verdicts.as_tuple())
+    loss_batch, diag = run.fns.prepare(verdicts, groups, r.lengths, r.finish_reason, old_logp, entropy, ref_logp)
+    drift_mean, drift_max = _drift(old_logp, r.logp, r.mask)
+    return (
+        groups,
+        loss_batch,
+        {"logp_drift_mean": float(drift_mean), "logp_drift_max": float(drift_max), **finalize_diagnostics(diag)},
+    )
+
+
+def rounds_left(cfg: Config, sampled: int) -> int | None:
+    """Sampling rounds of `prompts_per_step x G` responses left in the budget (None: no budget)."""
+    t = cfg.train
+    if not t.max_sampled_responses:
+        return None
+    return max(t.max_sampled_responses - sampled, 0) // (t.prompts_per_step * cfg.loss.group_size)
+
+
+def _changes(start: dict[str, float], final: dict[str, float], step: int) -> list[str]:
+    """`held-out avg@k: a% at the start -> b% after N steps (+c points)` (and greedy pass@1)."""
+    keys = [k for k in final if k.startswith("avg@") or k == "greedy_pass@1"] if start else []
+    return [
+        f"held-out {k}: {100 * start[k]:.1f}% at the start -> {100 * final[k]:.1f}% after {step} steps "
+        f"({100 * (final[k] - start[k]):+.1f} points)"
+        for k in keys
+    ]
+
+
+def _prefixed(result: dict[str, float]) -> dict[str, float]:
+    return {f"eval/{k}": v for k, v in result.items()}
 
 
 def _fmt(result: dict[str, float]) -> str:
@@ -113,33 +152,24 @@ class Trainer:
         return step
 
     def warmup(self) -> None:
-        w, b = self.cfg.warmup, self.built
-        self.metrics.message(f"warm-up: {w.steps} supervised steps on reference answers")
-        params = supervised_warmup(b.model.merge, self.state.params, self.train_records, b.encode, b.tok, w,
-                                   seed=self.cfg.train.seed, width=self.cfg.rollout.max_new_tokens,
-                                   buckets=self.cfg.rollout.prompt_buckets, log=self.metrics.message)  # fmt: skip
+        params = warm_up(self.built, self.state.params, self.train_records, log=self.metrics.message)
         self.state = self._fresh_state(params)
 
     def evaluate(self, *, samples: int | None = None, num_prompts: int | None = None) -> dict[str, float]:
-        return evaluate(self.built, self.state.params, self.pool, self.test_records, samples=samples,
-                        num_prompts=num_prompts)  # fmt: skip
+        return evaluate(
+            self.built, self.state.params, self.pool, self.test_records, samples=samples, num_prompts=num_prompts
+        )
 
     def rollout(self) -> tuple[Any, Groups, Any, dict[str, Any]]:
         """Collects this step's groups and makes the loss batch: `(batch, groups, loss batch, stats)`."""
         b, t0 = self.built, time.time()
-        batch, verdicts, stats = collect(b, self.state.params, self.pool, self.pipeline, self.state.key(0),
-                                         max_rounds=self._rounds_left())  # fmt: skip
+        batch, verdicts, stats = collect(
+            b, self.state.params, self.pool, self.pipeline, self.state.key(0), max_rounds=self._rounds_left()
+        )
         stats["rollout_time_s"] = time.time() - t0
         check_reward_health(stats, batch.first_error, self.cfg.reward, int(self.state.step) + 1)
-        r = batch.rollout
-        groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
-        old_logp, entropy = b.fns.score(self.state.params, groups)
-        ref_logp = b.fns.score(self.ref_params, groups)[0] if self.ref_params is not None else None
-        loss_batch, diag = b.fns.prepare(b.place.put(verdicts.as_tuple()), groups, r.lengths, r.finish_reason,
-                                         old_logp, entropy, ref_logp)  # fmt: skip
-        drift_mean, drift_max = _drift(old_logp, r.logp, r.mask)
-        stats.update({"logp_drift_mean": float(drift_mean), "logp_drift_max": float(drift_max),
-                      **finalize_diagnostics(diag)})  # fmt: skip
+        groups, loss_batch, diagnostics = loss_inputs(b, self.state.params, self.ref_params, batch, verdicts)
+        stats.update(diagnostics)
         return batch, groups, loss_batch, stats
 
     def update(self, groups: Groups, loss_batch: Any) -> dict[str, float]:
@@ -162,12 +192,7 @@ class Trainer:
         return record | _length_stats(batch, record, self.cfg.train.ppo_epochs) | {"step_time_s": time.time() - t0}
 
     def _rounds_left(self) -> int | None:
-        """Sampling rounds of `prompts_per_step x G` responses left in the budget (None: no budget)."""
-        t = self.cfg.train
-        if not t.max_sampled_responses:
-            return None
-        left = t.max_sampled_responses - self.meta["sampled_responses"]
-        return max(left, 0) // (t.prompts_per_step * self.cfg.loss.group_size)
+        return rounds_left(self.cfg, self.meta["sampled_responses"])
 
     def _start(self) -> None:
         """A fresh run: warm-up, start evaluation, the KL reference, and the step-0 checkpoint (a
@@ -194,7 +219,7 @@ class Trainer:
         why = "SIGTERM" if record is None else ""  # preempted after the rollout: no update was made
         if record is not None:
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                record.update(_prefixed(self.evaluate()))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 self.metrics.write(step, record)
                 self.metrics.progress(step, record, CONSOLE_KEYS)
@@ -227,16 +252,10 @@ class Trainer:
         self.meta["final_eval"] = final
         if self.checkpointer.latest_step() != step:
             self.save()
-        self.metrics.write(
-            step, {"sampled_responses": self.meta["sampled_responses"], **{f"eval/{k}": v for k, v in final.items()}}
-        )
+        self.metrics.write(step, {"sampled_responses": self.meta["sampled_responses"]} | _prefixed(final))
         start = self.meta.get("start_eval", {})
-        self.metrics.message(f"final: held-out {_fmt(final)}")
-        for key in [k for k in final if k.startswith("avg@") or k == "greedy_pass@1"] if start else []:
-            self.metrics.message(
-                f"held-out {key}: {100 * start[key]:.1f}% at the start -> {100 * final[key]:.1f}% "
-                f"after {step} steps ({100 * (final[key] - start[key]):+.1f} points)"
-            )
+        for line in [f"final: held-out {_fmt(final)}", *_changes(start, final, step)]:
+            self.metrics.message(line)
         return {
             "start_eval": start,
             "final_eval": final,

@@ -77,8 +77,16 @@ def _scorer(model: ModelDef, cfg: Config) -> Callable:
     r, m = cfg.rollout, cfg.model
 
     def run(params: Any, groups: Groups) -> tuple[jax.Array, jax.Array]:
-        return score(model.merge(params), groups.prompts, groups.prompt_valid, groups.tokens, groups.mask,
-                     temperature=r.temperature, token_chunk=m.token_chunk, vocab_chunk=m.vocab_chunk)  # fmt: skip
+        return score(
+            model.merge(params),
+            groups.prompts,
+            groups.prompt_valid,
+            groups.tokens,
+            groups.mask,
+            temperature=r.temperature,
+            token_chunk=m.token_chunk,
+            vocab_chunk=m.vocab_chunk,
+        )
 
     return run
 
@@ -88,9 +96,19 @@ def _prepare_fn(cfg: Config) -> Callable:
     def prepare(verdicts, groups: Groups, lengths, finish_reason, old_logp, entropy, ref_logp):
         rewards, valid, correct, informative = verdicts
         truncated = finish_reason == FINISH_LENGTH
-        return prepare_batch(cfg.loss, rewards=rewards, mask=groups.mask, old_logp=old_logp, entropy=entropy,
-                             lengths=lengths, truncated=truncated, ref_logp=ref_logp, valid=valid, correct=correct,
-                             informative=informative)  # fmt: skip
+        return prepare_batch(
+            cfg.loss,
+            rewards=rewards,
+            mask=groups.mask,
+            old_logp=old_logp,
+            entropy=entropy,
+            lengths=lengths,
+            truncated=truncated,
+            ref_logp=ref_logp,
+            valid=valid,
+            correct=correct,
+            informative=informative,
+        )
 
     return prepare
 

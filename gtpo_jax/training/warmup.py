@@ -8,6 +8,7 @@ by the same chunked scoring op the RL loss uses (`scoring.score` at temperature 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from gtpo_jax.config import WarmupSection
 from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.scoring import score
+from gtpo_jax.training.build import Run
 
 
 def answer_tokens(tok: Tokenizer, answers: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,3 +76,29 @@ def supervised_warmup(
         if (i + 1) % max(cfg.steps // 5, 1) == 0 or i + 1 == cfg.steps:
             log(f"warm-up {i + 1}/{cfg.steps}: answer cross-entropy {float(loss):.4f}")
     return params
+
+
+def warm_up(
+    run: Run,
+    params: Any,
+    records: Sequence[dict[str, Any]],
+    *,
+    steps: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """`supervised_warmup` as the run's config asks (`steps` overrides `warmup.steps`)."""
+    cfg = run.cfg
+    w = cfg.warmup if steps is None else dataclasses.replace(cfg.warmup, steps=steps)
+    log(f"warm-up: {w.steps} supervised steps on reference answers")
+    return supervised_warmup(
+        run.model.merge,
+        params,
+        records,
+        run.encode,
+        run.tok,
+        w,
+        seed=cfg.train.seed,
+        width=cfg.rollout.max_new_tokens,
+        buckets=cfg.rollout.prompt_buckets,
+        log=log,
+    )
