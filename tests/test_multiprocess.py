@@ -70,7 +70,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
     procs = _start(two, tmp_path, **SETTINGS)
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0, 0], (tmp_path / "proc0.log").read_text()[-3000:] + (tmp_path / "proc1.log").read_text()[-3000:]
-    restored = Trainer(tiny_config(two, **SETTINGS), for_eval=True)  # a 1-process run restores it
+    restored = Trainer(tiny_config(two, **SETTINGS))  # a 1-process run restores it
     assert restored.restore() == 2
     a, b = _params(one, 2), _str_keys(restored.state.params)
     restored.close()

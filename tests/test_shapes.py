@@ -9,9 +9,9 @@ from train_helpers import load_config_file
 
 from gtpo_jax.config import from_config_dict
 from gtpo_jax.models.presets import get_preset
-from gtpo_jax.models.sharding import abstract_model
+from gtpo_jax.models.sharding import ModelDef, abstract_model, make_mesh
 from gtpo_jax.training.state import init_state, make_optimizer
-from gtpo_jax.training.update import Groups, StepFns
+from gtpo_jax.training.update import Groups, step_fns
 
 SDS = jax.ShapeDtypeStruct
 
@@ -27,31 +27,28 @@ def test_paper_config_train_step_traces_on_abstract_parameters(path, billions):
     assert abs(count / 1e9 - billions) < 0.1, count
     optimizer = make_optimizer(cfg.optim, t.steps * t.mini_batches)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), params)
-    fns = StepFns(
-        graphdef, abstract, cfg.loss, optimizer, cfg.rollout.temperature, m.token_chunk, m.vocab_chunk, t.micro_batches
-    )
+    fns = step_fns(ModelDef(graphdef, abstract), cfg, optimizer, make_mesh(devices=jax.devices()[:1]))
     P, G, T, Lp = t.prompts_per_step, cfg.loss.group_size, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets[-1]
 
     def groups(p):
         return Groups(SDS((p, Lp), jnp.int32), SDS((p, Lp), bool), SDS((p, G, T), jnp.int32), SDS((p, G, T), bool))
 
-    logp, entropy = jax.eval_shape(fns.score_fn(), state.params, groups(P))
+    logp, entropy = jax.eval_shape(fns.score, state.params, groups(P))
     assert logp.shape == entropy.shape == (P, G, T) and logp.dtype == jnp.float32
     batch, _ = jax.eval_shape(
-        fns.prepare_fn(),
-        SDS((P, G), jnp.float32),
-        SDS((P, G), bool),
+        fns.prepare,
+        (SDS((P, G), jnp.float32), SDS((P, G), bool), SDS((P, G), bool), SDS((P,), bool)),
         groups(P),
+        SDS((P, G), jnp.int32),
+        SDS((P, G), jnp.int32),
         logp,
         entropy,
-        SDS((P, G), jnp.int32),
-        SDS((P, G), bool),
         None,
     )
     assert batch.advantages.shape == (P, G, T) and batch.ref_logp is None  # no KL: no reference pass
     mb = P // t.mini_batches
     new_state, metrics, diagnostics = jax.eval_shape(
-        fns.update_fn(), state, groups(mb), jax.tree.map(lambda x: SDS((mb, *x.shape[1:]), x.dtype), batch)
+        fns.update, state, groups(mb), jax.tree.map(lambda x: SDS((mb, *x.shape[1:]), x.dtype), batch)
     )
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state.params) == jax.tree.map(
         lambda x: (x.shape, x.dtype), params

@@ -78,7 +78,15 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
         assert 0 <= r["sampled_pass_rate"] <= 1 and r["reward_invalid_rate"] == 0 and r["empty_updates"] == 0
         assert "wrong_sign_pos" in r and "wrong_sign_neg" in r
         assert ("shaping_delta" in r) == (algorithm in ("gtpo", "grpo_s"))
-    assert set(result["final_eval"]) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"}
+    assert set(result["final_eval"]) == {
+        "avg@4",
+        "pass@1",
+        "pass@2",
+        "pass@4",
+        "greedy_pass@1",
+        "prompts",
+        "reward_invalid_frac",
+    }
     assert (tmp_path / "reference").exists() == (algorithm == "grpo")
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
 
@@ -176,5 +184,13 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
             pool = reward_pool(cfg, [], test)
             result = evaluate(run, params, pool, test, samples=4, num_prompts=4)
             pool.close()
-            assert set(result) == {"avg@4", "pass@1", "pass@4", "prompts", "reward_invalid_frac"}
+            assert set(result) == {
+                "avg@4",
+                "pass@1",
+                "pass@2",
+                "pass@4",
+                "greedy_pass@1",
+                "prompts",
+                "reward_invalid_frac",
+            }
             assert 0 <= result["avg@4"] <= 1 and result["reward_invalid_frac"] == 0

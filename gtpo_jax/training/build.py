@@ -140,6 +140,8 @@ def prompt_pipeline(cfg: Config, records: list[dict[str, Any]], encode: PromptEn
     try:
         return PromptPipeline(records, settings, prompt_tokens=lambda r: len(encode(r)))
     except ValueError as e:  # too few prompts for one step, named as the user wrote it
+        if "fewer than one batch" not in str(e):
+            raise
         n, limit = cfg.train.prompts_per_step, cfg.data.max_prompt_tokens
         raise ConfigError(f"train.prompts_per_step={n}: {e} (data.max_prompt_tokens={limit})") from None
 

@@ -102,7 +102,7 @@ def rounds_left(cfg: Config, sampled: int) -> int | None:
 
 def _changes(start: dict[str, float], final: dict[str, float], step: int) -> list[str]:
     """`held-out avg@k: a% at the start -> b% after N steps (+c points)` (and greedy pass@1)."""
-    keys = [k for k in final if k.startswith("avg@") or k == "greedy_pass@1"] if start else []
+    keys = [k for k in final if (k.startswith("avg@") or k == "greedy_pass@1") and k in start]
     return [
         f"held-out {k}: {100 * start[k]:.1f}% at the start -> {100 * final[k]:.1f}% after {step} steps "
         f"({100 * (final[k] - start[k]):+.1f} points)"
