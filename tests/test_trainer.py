@@ -41,6 +41,10 @@ def _records(run_dir):
 EXTRA = {"grpo": {"eval.every": 1, "train.ppo_epochs": 2, "train.mini_batches": 2, "train.micro_batches": 2}}
 
 
+# What an evaluation at eval.samples = 4 reports (training/evaluation.py).
+EVAL_KEYS = {"avg@4", "pass@1", "pass@2", "pass@4", "greedy_pass@1", "prompts", "reward_invalid_frac"}
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s"])
 def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
     reads = ConfigReads()
@@ -78,15 +82,7 @@ def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
         assert 0 <= r["sampled_pass_rate"] <= 1 and r["reward_invalid_rate"] == 0 and r["empty_updates"] == 0
         assert "wrong_sign_pos" in r and "wrong_sign_neg" in r
         assert ("shaping_delta" in r) == (algorithm in ("gtpo", "grpo_s"))
-    assert set(result["final_eval"]) == {
-        "avg@4",
-        "pass@1",
-        "pass@2",
-        "pass@4",
-        "greedy_pass@1",
-        "prompts",
-        "reward_invalid_frac",
-    }
+    assert set(result["final_eval"]) == EVAL_KEYS
     assert (tmp_path / "reference").exists() == (algorithm == "grpo")
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
 
@@ -184,13 +180,5 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
             pool = reward_pool(cfg, [], test)
             result = evaluate(run, params, pool, test, samples=4, num_prompts=4)
             pool.close()
-            assert set(result) == {
-                "avg@4",
-                "pass@1",
-                "pass@2",
-                "pass@4",
-                "greedy_pass@1",
-                "prompts",
-                "reward_invalid_frac",
-            }
+            assert set(result) == EVAL_KEYS
             assert 0 <= result["avg@4"] <= 1 and result["reward_invalid_frac"] == 0
