@@ -186,13 +186,18 @@ def test_sharded_sampling_equals_single_device():
 def test_prompt_buckets_bound_compilations(model):
     cfg = sampling_config(group_size=2, max_new_tokens=3, prompt_buckets=(4, 8))
     model_def, params = split_model(model)
-    # A new function object: jit caches are keyed by the wrapped function, so this one starts empty.
-    fresh = jax.jit(lambda *args, **kw: sample.__wrapped__(*args, **kw), static_argnums=(0, 5))
+    traces = []
+
+    def counted(*args, **kw):  # runs once per trace, i.e. once per compilation of a new shape
+        traces.append(args[2].shape)
+        return sample.__wrapped__(*args, **kw)
+
+    fresh = jax.jit(counted, static_argnums=(0, 5))
     for prompts in ([[1, 2]], [[1, 2, 3]], [[5]], [[1, 2, 3, 4, 5]], [[1] * 8]):
         tokens, valid = pad_prompts(prompts, cfg.rollout.prompt_buckets, cfg.pad_id)
         rollout = fresh(model_def, params, jnp.asarray(tokens), jnp.asarray(valid), jax.random.key(0), cfg)
         assert tokens.shape[1] in (4, 8) and rollout.tokens.shape == (1, 2, 3)
-    assert fresh._cache_size() == 2  # one compilation per bucket
+    assert traces == [(1, 4), (1, 8)]  # one compilation per bucket
     with pytest.raises(ValueError, match="longer than the largest prompt bucket 8"):
         pad_prompts([[1] * 9], cfg.rollout.prompt_buckets, cfg.pad_id)
 
