@@ -6,16 +6,23 @@
         Trainer(cfg).run()  # or anything else that takes a Config
     assert section_fields() - reads.fields == set()
 
-Only reads inside `with reads:` count, so building and validating the copy counts for nothing.
+Only reads inside `with reads:` made by code in the `gtpo_jax` package count, so building and validating the
+copy, hashing it (a jit static argument), copying it with `dataclasses.replace` or validating the copy counts
+for nothing.
 A copy made from a tracked section (`dataclasses.replace(cfg.optim, ...)`) is tracked too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from typing import Any
 
+import gtpo_jax
 from gtpo_jax.config import SECTIONS, Config
+
+PACKAGE = os.path.dirname(gtpo_jax.__file__) + os.sep
 
 
 class ConfigReads:
@@ -43,14 +50,32 @@ class ConfigReads:
     def _recording(self, section: Any) -> Any:
         cls = type(section)
         if cls not in self._classes:
-            self._classes[cls] = type(cls.__name__, (cls,), {"__getattribute__": self._getter(cls.__name__)})
+            methods = {"__getattribute__": self._getter(cls.__name__)}
+            if hasattr(cls, "__post_init__"):
+                methods["__post_init__"] = self._quiet(cls.__post_init__)
+            self._classes[cls] = type(cls.__name__, (cls,), methods)
         return self._classes[cls](**vars(section))
+
+    def _quiet(self, method):
+        """`method` with recording off: a section validating itself (a copy being built) reads every field."""
+        reads = self
+
+        def quiet(obj: Any) -> None:
+            was, reads._on = reads._on, False
+            try:
+                method(obj)
+            finally:
+                reads._on = was
+
+        return quiet
 
     def _getter(self, section_name: str):
         reads = self
 
         def __getattribute__(obj: Any, name: str) -> Any:  # noqa: N807
-            if reads._on and not name.startswith("_"):
+            # A read counts only when the package's own code makes it: hashing a section (a jit static
+            # argument), comparing it or `dataclasses.replace` read every field, and prove nothing.
+            if reads._on and not name.startswith("_") and sys._getframe(1).f_code.co_filename.startswith(PACKAGE):
                 reads.fields.add(f"{section_name}.{name}")
             return object.__getattribute__(obj, name)
 

@@ -264,3 +264,21 @@ def test_the_config_classes_carry_no_read_tracking():
 
     assert all(cls.__getattribute__ is object.__getattribute__ for cls in SECTIONS.values())
     assert not {"track_reads", "_READS", "_Tracked"} & set(vars(config))
+
+
+def test_config_reads_counts_only_the_packages_own_reads():
+    """The every-field-read test would pass vacuously if hashing a section (jit static arguments do)
+    or copying it counted as reading every field."""
+    from config_reads import ConfigReads
+
+    from gtpo_jax.training.loop import rounds_left
+
+    reads = ConfigReads()
+    cfg = reads.track(from_dict({}))
+    with reads:
+        hash(cfg.train)
+        assert cfg.train == cfg.train
+        dataclasses.replace(cfg.train)
+        assert reads.fields == set()
+        rounds_left(cfg, 0)  # the package's own code reads the section
+    assert reads.fields == {"TrainSection.max_sampled_responses"}

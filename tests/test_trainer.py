@@ -38,7 +38,15 @@ def _records(run_dir):
 
 # GRPO's run also exercises PPO epochs, mini- and micro-batches and periodic evaluation, and
 # proves that the code reads every config field.
-EXTRA = {"grpo": {"eval.every": 1, "train.ppo_epochs": 2, "train.mini_batches": 2, "train.micro_batches": 2}}
+EXTRA = {
+    "grpo": {
+        "eval.every": 1,
+        "train.ppo_epochs": 2,
+        "train.mini_batches": 2,
+        "train.micro_batches": 2,
+        "loss.dynamic_sampling": True,  # reads rollout.max_refill_rounds
+    }
+}
 
 
 # What an evaluation at eval.samples = 4 reports (training/evaluation.py).

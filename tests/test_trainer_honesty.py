@@ -213,6 +213,7 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
             truncated,
             rewards,
             np.zeros((P, G), np.int8),
+            np.ones(P, int),
         )
 
     # Group 0 is mixed only through its truncated (correct) response; group 1 is really mixed.
@@ -229,6 +230,47 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
     batch, _, stats = collect_lib.collect(run, None, None, batches, jax.random.key(0))
     assert stats["sampling_rounds"] == 2 and stats["informative_groups"] == 2
     assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()
+
+
+def test_selected_groups_are_padded_to_the_bucket_of_their_own_longest_prompt():
+    """A refill round padded to a wide bucket (one long prompt) must not widen a batch whose selected
+    prompts are all short: the update would pay for padding no selected prompt needs."""
+    from types import SimpleNamespace
+
+    from gtpo_jax.data.prompts import pad_prompts
+    from gtpo_jax.rollout.sampler import Rollout
+    from gtpo_jax.training import collect as collect_lib
+
+    buckets = (4, 8)
+
+    def part(prompt_ids):
+        tokens, valid = pad_prompts(prompt_ids, buckets, 0)
+        P, G = len(prompt_ids), 2
+        zeros = jnp.zeros((P, G, 2), jnp.int32)
+        rollout = Rollout(zeros, zeros > 0, zeros.astype(jnp.float32), jnp.full((P, G), 2), jnp.zeros((P, G), int))
+        lengths = np.asarray([len(i) for i in prompt_ids])
+        return collect_lib.GroupBatch(
+            [{}] * P,
+            jnp.asarray(tokens),
+            jnp.asarray(valid),
+            rollout,
+            np.full((P, G), 2),
+            np.zeros((P, G), bool),
+            np.zeros((P, G), np.float32),
+            np.zeros((P, G), np.int8),
+            lengths,
+        )
+
+    wide, narrow = part([[5] * 7, [1, 2]]), part([[3, 4, 5]])
+    cfg = from_dict({"rollout": {"prompt_buckets": list(buckets)}, "data": {"max_prompt_tokens": 8}})
+    run = SimpleNamespace(
+        cfg=cfg, place=Placement(make_mesh(fsdp=1, devices=jax.devices()[:1])), tok=SimpleNamespace(pad_id=0)
+    )
+    batch = collect_lib.select(run, [wide, narrow], [(0, 1), (1, 0)])
+    np.testing.assert_array_equal(batch.prompts, [[0, 0, 1, 2], [0, 3, 4, 5]])
+    np.testing.assert_array_equal(batch.prompt_lengths, [2, 3])
+    batch = collect_lib.select(run, [wide, narrow], [(1, 0), (0, 0)])
+    np.testing.assert_array_equal(batch.prompts, [[0, 0, 0, 0, 0, 3, 4, 5], [0] + [5] * 7])
 
 
 def test_too_few_prompts_for_one_step_names_the_users_field(tmp_path):

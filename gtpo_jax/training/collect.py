@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from gtpo_jax.config import RewardSection
-from gtpo_jax.data.prompts import pad_prompts
+from gtpo_jax.data.prompts import bucket_length, pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.losses.groups import informative_from_sets
 from gtpo_jax.parallel.placement import allgather, gather_rows, local_rows
@@ -61,6 +61,7 @@ class GroupBatch:
     truncated: np.ndarray  # [P, G] bool
     rewards: np.ndarray  # [P, G]
     status: np.ndarray  # [P, G] int8: OK, ERROR, TIMEOUT or CRASH (rewards.registry)
+    prompt_lengths: np.ndarray  # [P] int: real (unpadded) prompt tokens
     first_error: str = ""  # the first scoring error's text, for the log
 
     @property
@@ -154,8 +155,9 @@ def draw(
     rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling or run.sampling))
     lengths, finish = gather_rows((rollout.lengths, rollout.finish_reason))
     rewards, status, first_error = score_rollout(rollout, records, run.tok, pool)
+    truncated, prompt_lengths = finish == FINISH_LENGTH, np.asarray([len(i) for i in ids])
     return GroupBatch(
-        records, prompts, prompt_valid, rollout, lengths, finish == FINISH_LENGTH, rewards, status, first_error
+        records, prompts, prompt_valid, rollout, lengths, truncated, rewards, status, prompt_lengths, first_error
     )
 
 
@@ -177,13 +179,13 @@ def _take_rows(parts: tuple, rows: jax.Array, width: int, pad_id: int) -> tuple:
 
 def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
     """The groups `(part, row)` of `parts`, in that order; device rows move between devices only.
-    Prompts of several sampling rounds are brought to the widest bucket among the rounds used."""
+    Prompts are brought to the bucket of the longest selected prompt (as if padded together)."""
     offsets = np.cumsum([0] + [len(p.records) for p in parts])
     flat = np.asarray([offsets[i] + r for i, r in rows], np.int32)
-    width = max(parts[i].prompts.shape[1] for i in {i for i, _ in rows})
+    pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
+    width = bucket_length(int(pick("prompt_lengths").max()), run.cfg.rollout.prompt_buckets)
     device = tuple((p.prompts, p.prompt_valid, p.rollout) for p in parts)
     prompts, valid, rollout = run.place.as_rows(_take_rows(device, jnp.asarray(flat), width, run.tok.pad_id))
-    pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
     records = sum((p.records for p in parts), [])
     return GroupBatch(
         [records[i] for i in flat],
@@ -194,6 +196,7 @@ def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]
         pick("truncated"),
         pick("rewards"),
         pick("status"),
+        pick("prompt_lengths"),
     )
 
 
