@@ -133,7 +133,8 @@ def test_no_long_functions_or_classes():
 
 def _is_data(node: ast.AST) -> bool:
     """A literal: a constant (or negated constant), a container of literals, or a call whose
-    arguments are all literals (`dict(a=1, b=2)`, `_gemma3(34, 1024, vocab_size=262208)`)."""
+    arguments (at least one) are all literals (`dict(a=1, b=2)`, `_gemma3(34, 1024, vocab_size=262208)`;
+    `jax.process_index()` is a computation, not a literal; `"a b c".split()` is one)."""
     if isinstance(node, ast.Constant):
         return True
     if isinstance(node, ast.UnaryOp):
@@ -143,7 +144,10 @@ def _is_data(node: ast.AST) -> bool:
     if isinstance(node, ast.List | ast.Tuple | ast.Set):
         return all(_is_data(e) for e in node.elts)
     if isinstance(node, ast.Call):
-        return all(_is_data(a) for a in [*node.args, *(k.value for k in node.keywords)])
+        arguments = [*node.args, *(k.value for k in node.keywords)]
+        if not arguments:  # only a literal's own method: `"a b c".split()`
+            return isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Constant)
+        return all(_is_data(a) for a in arguments)
     name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
     return bool(re.fullmatch(r"_?[A-Z][A-Z0-9_]*", name))  # a named constant (FULL, Kind.INT) inside a table
 

@@ -52,8 +52,13 @@ def initialize(
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
     else:
         return
-    logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+    logging.info(
+        "jax.distributed: process %d of %d, %d local of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def mesh_from_config(data: int = 1, fsdp: int = -1, tensor: int = 1, dcn_data: int = 1) -> Mesh:
