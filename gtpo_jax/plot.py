@@ -75,10 +75,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
-
-
 def _curves(records_by_seed: list[list[dict]], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     """`(xs, ys [seeds, xs])` of metric `y` against `x`: each seed's points interpolated linearly
     onto the union of all seeds' x values, over the range every seed covers."""
@@ -156,3 +152,7 @@ def _save(fig, ax, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
