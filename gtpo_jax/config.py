@@ -48,6 +48,8 @@ from gtpo_jax.losses import RECIPES, LossConfig
 
 __all__ = [
     "DERIVED_LOSS_FIELDS",
+    "IGNORED_WHEN",
+    "RESUMABLE",
     "SECTIONS",
     "ChatTemplate",
     "CompareSection",
@@ -78,6 +80,9 @@ __all__ = [
     "from_dict",
     "section_fields",
     "to_dict",
+    "check_resume",
+    "ignored_fields",
+    "resume_changes",
 ]
 
 SECTIONS: dict[str, type] = {
@@ -144,6 +149,60 @@ class Config:
                 f"data.max_prompt_tokens={self.data.max_prompt_tokens}: must be <= the largest of "
                 f"rollout.prompt_buckets={list(self.rollout.prompt_buckets)} (a longer prompt fits no bucket)"
             )
+
+
+# (field, the condition under which it has no effect, that condition in words). A field set away
+# from its default while its condition holds is reported by `ignored_fields`.
+IGNORED_WHEN = (
+    ("rollout.max_refill_rounds", lambda c: not c.loss.dynamic_sampling, "loss.dynamic_sampling is off"),
+    ("rollout.top_k", lambda c: c.rollout.temperature == 0, "rollout.temperature=0 samples greedily"),
+    ("rollout.top_p", lambda c: c.rollout.temperature == 0, "rollout.temperature=0 samples greedily"),
+    ("eval.samples", lambda c: c.eval.temperature == 0, "eval.temperature=0 draws one greedy response"),
+    ("warmup.batch_size", lambda c: c.warmup.steps == 0, "warmup.steps=0"),
+    ("warmup.learning_rate", lambda c: c.warmup.steps == 0, "warmup.steps=0"),
+)
+
+
+def ignored_fields(cfg: Config) -> list[str]:
+    """One line per field set away from its default where it has no effect (the trainer logs them
+    as warnings: a knob that is silently ignored would make a run mean something else)."""
+    out = []
+    for name, ignored, why in IGNORED_WHEN:
+        section, field = name.split(".")
+        values = vars(getattr(cfg, section))  # not a read of the field (tests/config_reads.py)
+        value, default = values[field], type(getattr(cfg, section)).__dataclass_fields__[field].default
+        if value != default and ignored(cfg):
+            out.append(f"{name}={value!r} is ignored: {why}")
+    return out
+
+
+# Fields a resumed run may change (how long, how often, where and how it runs); any other
+# difference from the checkpoint's config would silently continue a different experiment.
+RESUMABLE = ("train.steps", "train.stop_after", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.resume", "train.run_dir", "train.max_sampled_responses", "reward.num_workers", "reward.timeout_s",
+             "eval", "mesh", "compare")  # fmt: skip
+
+
+def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], where: str) -> None:
+    """Refuses to resume a checkpoint written under another experiment's config."""
+    changes = resume_changes(saved, now)
+    if changes:
+        raise ConfigError(
+            f"the checkpoint in {where} was written with a different config ({'; '.join(changes)}); resume "
+            f"with the same values, or start the new experiment in a new train.run_dir"
+        )
+
+
+def resume_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """`field: saved -> now` for each difference between a checkpoint's config (`to_dict`) and this
+    run's, outside `RESUMABLE`. A field one side lacks (a config from an older version) is skipped."""
+    out = []
+    for section, values in now.items():
+        for field, value in values.items():
+            name, before = f"{section}.{field}", saved.get(section, {}).get(field, value)
+            if section not in RESUMABLE and name not in RESUMABLE and _plain(before) != _plain(value):
+                out.append(f"{name}: {before!r} -> {value!r}")
+    return out
 
 
 def _suggest(name: str, known: list[str]) -> str:

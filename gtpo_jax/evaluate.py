@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     try:
         cfg = from_config_dict(_CONFIG.value)
         run = build(cfg, train=False)
-        _, test = load_data(cfg)
+        _, test = load_data(cfg, run.encode)
         pool = reward_pool(cfg, [], test)
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -282,3 +282,39 @@ def test_config_reads_counts_only_the_packages_own_reads():
         assert reads.fields == set()
         rounds_left(cfg, 0)  # the package's own code reads the section
     assert reads.fields == {"TrainSection.max_sampled_responses"}
+
+
+def test_knobs_without_effect_are_reported():
+    from gtpo_jax.config import ignored_fields
+
+    assert ignored_fields(from_dict({})) == []
+    cfg = from_dict(
+        {
+            "loss": {"algorithm": "grpo"},  # no dynamic sampling
+            "rollout": {"max_refill_rounds": 4, "temperature": 0.0, "top_p": 0.9},
+            "warmup": {"learning_rate": 1e-3},
+        }
+    )
+    assert ignored_fields(cfg) == [
+        "rollout.max_refill_rounds=4 is ignored: loss.dynamic_sampling is off",
+        "rollout.top_p=0.9 is ignored: rollout.temperature=0 samples greedily",
+        "warmup.learning_rate=0.001 is ignored: warmup.steps=0",
+    ]
+    assert ignored_fields(from_dict({"loss": {"algorithm": "dapo"}, "rollout": {"max_refill_rounds": 4}})) == []
+
+
+def test_resuming_under_another_experiments_config_is_refused():
+    from gtpo_jax.config import check_resume, resume_changes
+
+    saved = to_dict(from_dict({"loss": {"algorithm": "dapo"}, "train": {"steps": 10}}))
+    longer = to_dict(from_dict({"loss": {"algorithm": "dapo"}, "train": {"steps": 20}, "eval": {"every": 5}}))
+    assert resume_changes(saved, longer) == []  # more steps, another evaluation schedule: the same experiment
+    other = to_dict(
+        from_dict({"loss": {"algorithm": "gtpo"}, "train": {"steps": 10}, "optim": {"learning_rate": 1e-5}})
+    )
+    changes = resume_changes(saved, other)
+    assert "loss.algorithm: 'dapo' -> 'gtpo'" in changes and "optim.learning_rate: 1e-06 -> 1e-05" in changes
+    with pytest.raises(ConfigError, match=r"runs/x was written with a different config \(.*loss\.algorithm"):
+        check_resume(saved, other, "runs/x")
+    older = {section: {k: v for k, v in fields.items() if k != "top_k"} for section, fields in saved.items()}
+    assert resume_changes(older, saved) == []  # a field an older checkpoint lacks is not a change

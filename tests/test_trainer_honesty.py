@@ -232,6 +232,37 @@ def test_under_mask_truncated_a_group_informative_only_through_truncated_respons
     assert np.array_equal(batch.rewards, [[1, 0, 0], [1, 0, 0]]) and not batch.truncated.any()
 
 
+def test_informative_groups_are_counted_without_dynamic_sampling_too(monkeypatch):
+    """GRPO keeps every group; `informative_groups` must still say how many carry a signal."""
+    from types import SimpleNamespace
+
+    from gtpo_jax.rollout.sampler import Rollout
+    from gtpo_jax.training import collect as collect_lib
+
+    P, G = 2, 3
+    zeros = jnp.zeros((P, G, 2), jnp.int32)
+    rollout = Rollout(zeros, zeros > 0, zeros.astype(jnp.float32), jnp.full((P, G), 2), jnp.zeros((P, G), int))
+    prompts = jnp.ones((P, 1), jnp.int32)
+    rewards = np.array([[1.0, 0, 0], [0, 0, 0]])  # group 1 is all wrong: no signal
+    part = collect_lib.GroupBatch(
+        [{}, {}],
+        prompts,
+        prompts > 0,
+        rollout,
+        np.full((P, G), 2),
+        np.zeros((P, G), bool),
+        rewards,
+        np.zeros((P, G), np.int8),
+        np.ones(P, int),
+    )
+    monkeypatch.setattr(collect_lib, "draw", lambda *a, **k: part)
+    cfg = from_dict({"loss": {"algorithm": "grpo", "group_size": G}, "train": {"prompts_per_step": P}})
+    mesh = make_mesh(fsdp=1, devices=jax.devices()[:1])
+    run = SimpleNamespace(cfg=cfg, place=Placement(mesh), tok=SimpleNamespace(pad_id=0))
+    batch, verdicts, stats = collect_lib.collect(run, None, None, iter([[{}, {}]]), jax.random.key(0))
+    assert stats["informative_groups"] == 1 and verdicts.informative.tolist() == [True, False]
+
+
 def test_selected_groups_are_padded_to_the_bucket_of_their_own_longest_prompt():
     """A refill round padded to a wide bucket (one long prompt) must not widen a batch whose selected
     prompts are all short: the update would pay for padding no selected prompt needs."""
@@ -276,3 +307,18 @@ def test_selected_groups_are_padded_to_the_bucket_of_their_own_longest_prompt():
 def test_too_few_prompts_for_one_step_names_the_users_field(tmp_path):
     with pytest.raises(ConfigError, match=r"^train\.prompts_per_step=16: host 0 of 1 holds 4 prompts"):
         Trainer(tiny_config(tmp_path, **{"data.num_train": 4, "train.prompts_per_step": 16}))
+
+
+def test_warmup_and_held_out_prompts_obey_the_prompt_length_limit(caplog):
+    """RL drops prompts over `data.max_prompt_tokens`; the warm-up and the evaluation must see the same
+    prompts (an over-long held-out prompt used to reach the padder and stop the run with a bare error)."""
+    from gtpo_jax.training.build import load_data
+
+    cfg = from_dict({"data": {"source": "task", "task": "countdown", "difficulty": 2, "num_train": 200,
+                              "num_test": 100, "prompt_style": "compact", "max_prompt_tokens": 9}})  # fmt: skip
+    encode = lambda record: list(record["prompt"])  # noqa: E731  (one token per character)
+    train, test = load_data(cfg)
+    fit_train, fit_test = load_data(cfg, encode)
+    assert [r for r in train if len(r["prompt"]) <= 9] == fit_train and 0 < len(fit_train) < len(train)
+    assert [r for r in test if len(r["prompt"]) <= 9] == fit_test and 0 < len(fit_test) < len(test)
+    assert f"left out {len(test) - len(fit_test)} of {len(test)} held-out prompts longer than " in caplog.text

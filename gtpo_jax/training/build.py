@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from gtpo_jax.config import Config
+from gtpo_jax.config import Config, ignored_fields
 from gtpo_jax.data import tasks
 from gtpo_jax.data.pipeline import PipelineConfig, PromptPipeline
 from gtpo_jax.data.prompts import PromptEncoder
@@ -98,6 +98,8 @@ def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
     sampling = SamplingConfig(cfg.rollout, cfg.loss.group_size, tuple(tok.stop_ids), tok.pad_id)
     optimizer = fns = None
     if train:
+        for line in ignored_fields(cfg):
+            logging.warning("config: %s", line)
         updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
         optimizer = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
         fns = step_fns(model, cfg, optimizer, mesh)
@@ -114,20 +116,42 @@ def initial_params(run: Run) -> Any:
     return nnx.to_pure_dict(nnx.state(policy))
 
 
-def load_data(cfg: Config) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, held-out records) as the config names them."""
+def load_data(cfg: Config, encode: PromptEncoder | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, held-out records) as the config names them. With `encode`, records whose
+    prompt is longer than `data.max_prompt_tokens` (0: the largest of `rollout.prompt_buckets`)
+    are left out of both, counted in a warning: the warm-up and the evaluation see the prompts
+    RL can see. A run without held-out records is warned about (it evaluates nothing)."""
     d = cfg.data
     if d.source == "task":
         common = dict(seed=d.seed, difficulty=d.difficulty, prompt_style=str(d.prompt_style), operations=d.operations)
-        return (
-            tasks.generate(d.task, d.num_train, split="train", **common),
-            tasks.generate(d.task, d.num_test, split="test", **common),
-        )
-    if not d.path:
+        train = tasks.generate(d.task, d.num_train, split="train", **common)
+        test = tasks.generate(d.task, d.num_test, split="test", **common)
+    elif not d.path:
         raise ConfigError(f"data.source={str(d.source)!r} needs data.path (a file, or the tfds builder name)")
-    train = list(read_records(str(d.source), d.path, str(d.fields), split="train"))
-    test = list(read_records(str(d.source), d.test_path, str(d.fields), split="test")) if d.test_path else []
-    return train, test
+    else:
+        train = list(read_records(str(d.source), d.path, str(d.fields), split="train"))
+        test = list(read_records(str(d.source), d.test_path, str(d.fields), split="test")) if d.test_path else []
+    if not test:
+        logging.warning("data: no held-out records (data.test_path is empty): the run evaluates nothing")
+    if encode is None:
+        return train, test
+    return _fitting(cfg, train, encode, "training"), _fitting(cfg, test, encode, "held-out")
+
+
+def _fitting(cfg: Config, records: list[dict[str, Any]], encode: PromptEncoder, what: str) -> list[dict[str, Any]]:
+    limit = cfg.data.max_prompt_tokens or cfg.rollout.prompt_buckets[-1]
+    kept = [r for r in records if len(encode(r)) <= limit]
+    if len(kept) < len(records):
+        field = "data.max_prompt_tokens" if cfg.data.max_prompt_tokens else "the largest of rollout.prompt_buckets"
+        logging.warning(
+            "data: left out %d of %d %s prompts longer than %s=%d tokens",
+            len(records) - len(kept),
+            len(records),
+            what,
+            field,
+            limit,
+        )
+    return kept
 
 
 def prompt_pipeline(cfg: Config, records: list[dict[str, Any]], encode: PromptEncoder) -> PromptPipeline:

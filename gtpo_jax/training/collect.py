@@ -257,8 +257,8 @@ def collect(
             (kept if informative[row] or not dynamic else spare).append((rounds, row))
         if len(kept) >= num_prompts:
             break
-    if len(kept) < num_prompts:
-        logging.info(
+    if dynamic and len(kept) < num_prompts:
+        logging.warning(
             "dynamic sampling: %d informative groups after %d rounds; %d filled with zero-weight groups",
             len(kept),
             rounds + 1,
@@ -266,10 +266,11 @@ def collect(
         )
     batch = select(run, parts, spread_fillers(kept, spare, num_prompts, cfg.train.mini_batches))
     batch.first_error = next((p.first_error for p in parts if p.first_error), "")
+    final = verdicts(batch, **rule)
     stats = {
         "sampling_rounds": float(rounds + 1),
         "prompts_sampled": float(sampled),
-        "informative_groups": float(min(len(kept), num_prompts) if dynamic else num_prompts),
+        "informative_groups": float(final.informative.sum()),  # with or without dynamic sampling
         **sampling_stats(parts, cfg.loss.success_threshold),
     }
-    return batch, verdicts(batch, **rule), stats
+    return batch, final, stats

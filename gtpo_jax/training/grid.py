@@ -85,7 +85,7 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
         params = initial_params(run)
         if warmup_steps:
             log(f"seed {cfg.train.seed}: warm-up saved to {directory}")
-            params = warm_up(run, params, load_data(cfg)[0], steps=warmup_steps, log=log)
+            params = warm_up(run, params, load_data(cfg, run.encode)[0], steps=warmup_steps, log=log)
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from gtpo_jax.config import Config, to_dict
+from gtpo_jax.config import Config, check_resume, to_dict
 from gtpo_jax.losses import finalize_diagnostics
 from gtpo_jax.training.build import Run, build, initial_params, load_data, prompt_pipeline, reward_pool
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
@@ -118,26 +118,27 @@ def _fmt(result: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.3f}" if k != "prompts" else f"on {int(v)} prompts" for k, v in result.items())
 
 
+def _fresh_state(run: Run, params: Any) -> TrainState:
+    return init_state(params, run.optimizer, run.cfg.train.seed, mesh=run.mesh)
+
+
 class Trainer:
     """One training run of `cfg`: `run()` trains (resuming if asked), `step()` makes one RL step."""
 
     def __init__(self, cfg: Config, *, mesh: Mesh | None = None, params: Any = None):
         """`params`: the policy to start from (e.g. a shared warm-up's), instead of the config's."""
         self.cfg, self.built = cfg, build(cfg, mesh, train=True)
-        self.train_records, self.test_records = load_data(cfg)
+        self.train_records, self.test_records = load_data(cfg, self.built.encode)
         self.pool = reward_pool(cfg, self.train_records, self.test_records)
         self.pipeline = prompt_pipeline(cfg, self.train_records, self.built.encode)
         directory = f"{cfg.train.run_dir.rstrip('/')}/checkpoints"
         self.checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints)
         self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.steps)
-        self.state = self._fresh_state(initial_params(self.built) if params is None else params)
+        self.state = _fresh_state(self.built, initial_params(self.built) if params is None else params)
         self.ref_params = None
         # Run facts saved with every checkpoint; `sampled_responses` counts every response generated
         # by completed steps (refills included), for the sampling budget.
         self.meta: dict[str, Any] = {"config": to_dict(cfg), "sampled_responses": 0}
-
-    def _fresh_state(self, params: Any) -> TrainState:
-        return init_state(params, self.built.optimizer, self.cfg.train.seed, mesh=self.built.mesh)
 
     def save(self) -> None:
         self.checkpointer.save(int(self.state.step), self.state, self.pipeline.get_state(), self.meta)
@@ -147,13 +148,14 @@ class Trainer:
         step = self.checkpointer.latest_step()
         if step is not None:
             self.state, data_state, meta = self.checkpointer.restore(step, self.state)
+            check_resume(meta.get("config", {}), self.meta["config"], self.checkpointer.directory)
             self.pipeline.set_state(data_state)
             self.meta.update({k: v for k, v in meta.items() if k != "config"})
         return step
 
     def warmup(self) -> None:
         params = warm_up(self.built, self.state.params, self.train_records, log=self.metrics.message)
-        self.state = self._fresh_state(params)
+        self.state = _fresh_state(self.built, params)
 
     def evaluate(self, *, samples: int | None = None, num_prompts: int | None = None) -> dict[str, float]:
         return evaluate(
