@@ -57,6 +57,8 @@ class RatioLevel(enum.StrEnum):
 
     TOKEN = "token"  # one ratio per token (GRPO, DAPO, GTPO; Eq. 7)
     SEQUENCE = "sequence"  # one ratio per response, the mean of its token ratios (GRPO-S)
+    # one ratio per response, the geometric mean of its token ratios, exp(mean_t log w) (GSPO)
+    SEQUENCE_GEOMETRIC = "sequence_geometric"
 
 
 class GTPONorm(enum.StrEnum):
