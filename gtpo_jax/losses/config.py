@@ -35,6 +35,9 @@ class Algorithm(enum.StrEnum):
     DAPO = "dapo"
     GTPO = "gtpo"
     GRPO_S = "grpo_s"
+    RLOO = "rloo"  # leave-one-out baseline (`variants.py`)
+    DR_GRPO = "dr_grpo"  # GRPO without std scaling, constant-length aggregation (`variants.py`)
+    GSPO = "gspo"  # sequence-level geometric-mean ratio and clip (`variants.py`)
 
 
 class LossAgg(enum.StrEnum):
@@ -117,7 +120,7 @@ BASE_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
 class LossConfig:
     """Loss hyperparameters. `None` = the chosen algorithm's recipe default."""
 
-    # Recipe name: "grpo", "dapo", "gtpo", "grpo_s" (or any registered recipe).
+    # Recipe name: "grpo", "dapo", "gtpo", "grpo_s", "rloo", "dr_grpo", "gspo" (or any registered recipe).
     algorithm: str = Algorithm.GTPO.value
     # G, responses sampled per prompt; group-relative recipes need G >= 2.
     group_size: int | None = None

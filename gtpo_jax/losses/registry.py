@@ -8,6 +8,8 @@ GRPO, DAPO, GTPO and GRPO-S are assembled from the same parts (`advantages.py`,
 
     register(name="rloo", advantages=rloo, ratio_level=RatioLevel.TOKEN, doc="RLOO baseline.")
 
+(`variants.py` does exactly this for RLOO, Dr. GRPO and GSPO.)
+
 A recipe reads the fields of `OBJECTIVE_READS` (what `prepare_batch` and `compute_loss` read
 for every recipe) plus the knobs of its advantage function (`reads=`). Some are read only in
 a context (`config.CONTEXT_READS`: the KL estimator only with `kl_coef > 0`, ...). A field the
