@@ -129,7 +129,8 @@ class LossConfig:
     eps_high: float | None = None
     # Dual-clip constant c > 1 bounding the objective of negative advantages by c*A; 0 disables.
     dual_clip: float | None = None
-    # Aggregation: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm".
+    # Aggregation: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm" (each response's
+    # token sum / norm_len, then the mean over responses: Dr.GRPO, RLOO).
     loss_agg: LossAgg | str | None = None
     # Fixed divisor of seq_mean_token_sum_norm (Dr.GRPO's MAX_TOKENS); 0 = the padded length T.
     norm_len: int | None = None
@@ -141,7 +142,7 @@ class LossConfig:
     success_threshold: float | None = None
     # Guards every division (entropies are taken as H + eps, stds as std + eps).
     eps: float | None = None
-    # GRPO/DAPO: divide by the group's reward std (False = Dr.GRPO).
+    # GRPO/DAPO/GSPO: divide by the group's reward std (False = Dr.GRPO's advantage).
     scale_rewards: bool | None = None
     # GTPO Eq. 3/5: weight of the outcome reward and of the entropy-shaped bonus.
     alpha1: float | None = None
