@@ -184,10 +184,10 @@ T9 = 8
 PERTURB = {
     "eps_low": ({}, lambda d: 0.05),
     "eps_high": ({}, lambda d: 0.05),
-    "dual_clip": ({}, lambda d: 1.5),
+    "dual_clip": ({}, lambda d: 1.01),  # near 1: binds on GSPO's length-averaged ratios too
     "kl_coef": ({}, lambda d: 0.0 if d else 0.3),
     "kl_estimator": ({"kl_coef": 0.3}, lambda d: "k1"),
-    "loss_agg": ({}, lambda d: "seq_mean_token_sum_norm"),
+    "loss_agg": ({}, lambda d: "token_mean" if d == "seq_mean_token_sum_norm" else "seq_mean_token_sum_norm"),
     "norm_len": ({"loss_agg": "seq_mean_token_sum_norm"}, lambda d: 3),
     "success_threshold": ({}, lambda d: -0.5),
     "eps": ({}, lambda d: 0.5),

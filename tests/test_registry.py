@@ -105,16 +105,16 @@ def _rloo(cfg, x):
 @contextlib.contextmanager
 def registered_rloo():
     """The throwaway RLOO recipe, registered for the block and removed afterwards."""
-    recipe = register(name="rloo", advantages=_rloo, ratio_level=RatioLevel.TOKEN, doc="RLOO test recipe")
+    recipe = register(name="loo_demo", advantages=_rloo, ratio_level=RatioLevel.TOKEN, doc="RLOO test recipe")
     try:
         yield recipe
     finally:
-        del RECIPES["rloo"]
+        del RECIPES["loo_demo"]
 
 
 def test_adding_an_algorithm_is_one_function_and_one_entry():
     with registered_rloo():
-        cfg = LossConfig(algorithm="rloo", group_size=4)
+        cfg = LossConfig(algorithm="loo_demo", group_size=4)
         rewards = np.array([[1.0, 0.0, 0.0, 0.0]])
         mask = np.ones((1, 4, 3), np.float32)
         batch, _ = prepare_batch(cfg, rewards=rewards, mask=mask, old_logp=np.zeros_like(mask), entropy=mask)
@@ -127,9 +127,9 @@ def test_adding_an_algorithm_is_one_function_and_one_entry():
 
 def test_a_registered_recipe_is_resolved_by_loss_config_and_exercised_by_the_every_recipe_checks():
     with registered_rloo() as recipe:
-        assert isinstance(recipe, Recipe) and RECIPES["rloo"] is recipe
+        assert isinstance(recipe, Recipe) and RECIPES["loo_demo"] is recipe
         # Resolved: the base defaults (DAPO's objective), the fields it reads, None for the others.
-        cfg = LossConfig(algorithm="rloo")
+        cfg = LossConfig(algorithm="loo_demo")
         assert cfg.recipe is recipe and dict(recipe.defaults) == dict(BASE_DEFAULTS)
         assert (cfg.eps_low, cfg.eps_high, cfg.loss_agg, cfg.kl_coef, cfg.dynamic_sampling) == (
             0.2,
@@ -139,21 +139,21 @@ def test_a_registered_recipe_is_resolved_by_loss_config_and_exercised_by_the_eve
             True,
         )
         assert cfg.eps is None and cfg.alpha2 is None and cfg.scale_rewards is None
-        with pytest.raises(ConfigError, match=r"loss\.alpha2=0\.2 is not read by algorithm 'rloo'.*\(gtpo\)"):
-            LossConfig(algorithm="rloo", alpha2=0.2)
+        with pytest.raises(ConfigError, match=r"loss\.alpha2=0\.2 is not read by algorithm 'loo_demo'.*\(gtpo\)"):
+            LossConfig(algorithm="loo_demo", alpha2=0.2)
         # Exercised: the checks that run over every registered recipe take it like a built-in one.
-        honesty.test_each_field_a_recipe_reads_changes_its_loss_or_gradient("rloo")
-        honesty.test_setting_a_field_the_algorithm_does_not_read_is_an_error("rloo")
-        honesty.test_longer_wrong_response_in_the_buffer_gets_a_lower_advantage("rloo")
-        honesty.test_invalid_response_is_excluded_as_if_it_had_not_been_sampled("rloo")
-        honesty.test_mask_truncated_decides_the_sets_on_the_responses_that_remain("rloo")
-        honesty.test_wrong_sign_fractions_are_reported_exactly("rloo", 1)
-        invariants.test_1_padding_garbage_changes_nothing({"algorithm": "rloo"})
-        invariants.test_8_degenerate_inputs_are_finite({"algorithm": "rloo"})
-        invariants.test_9_gradient_matches_finite_differences({"algorithm": "rloo"})
-    assert "rloo" not in RECIPES
-    with pytest.raises(ConfigError, match="unknown loss.algorithm='rloo'"):
-        LossConfig(algorithm="rloo")
+        honesty.test_each_field_a_recipe_reads_changes_its_loss_or_gradient("loo_demo")
+        honesty.test_setting_a_field_the_algorithm_does_not_read_is_an_error("loo_demo")
+        honesty.test_longer_wrong_response_in_the_buffer_gets_a_lower_advantage("loo_demo")
+        honesty.test_invalid_response_is_excluded_as_if_it_had_not_been_sampled("loo_demo")
+        honesty.test_mask_truncated_decides_the_sets_on_the_responses_that_remain("loo_demo")
+        honesty.test_wrong_sign_fractions_are_reported_exactly("loo_demo", 1)
+        invariants.test_1_padding_garbage_changes_nothing({"algorithm": "loo_demo"})
+        invariants.test_8_degenerate_inputs_are_finite({"algorithm": "loo_demo"})
+        invariants.test_9_gradient_matches_finite_differences({"algorithm": "loo_demo"})
+    assert "loo_demo" not in RECIPES
+    with pytest.raises(ConfigError, match="unknown loss.algorithm='loo_demo'"):
+        LossConfig(algorithm="loo_demo")
 
 
 def test_register_refuses_a_bad_recipe_and_leaves_the_table_as_it_was():
@@ -183,6 +183,9 @@ def test_recipe_defaults_are_the_base_defaults_and_their_differences():
         "dapo": {},
         "gtpo": {},
         "grpo_s": {"loss_agg": "seq_mean_token_mean"},
+        "rloo": {"eps_high": 0.2, "loss_agg": "seq_mean_token_sum_norm", "dynamic_sampling": False},
+        "dr_grpo": {"eps_high": 0.2, "loss_agg": "seq_mean_token_sum_norm", "dynamic_sampling": False},
+        "gspo": {"eps_low": 3e-4, "eps_high": 4e-4, "loss_agg": "seq_mean_token_mean", "dynamic_sampling": False},
     }
     # The pure functions take their keyword defaults from the same mapping.
     sig = inspect.signature(gtpo_advantages).parameters

@@ -1,9 +1,11 @@
-"""The loss module: GRPO, DAPO, GTPO and GRPO-S as pure functions over `[P, G, T]` groups.
+"""The loss module: GRPO, DAPO, GTPO and GRPO-S (and the presets RLOO, Dr. GRPO, GSPO) as pure
+functions over `[P, G, T]` groups.
 
 docs/algorithms.md states the equations (with the paper's numbers) and the defaults. Layout:
 `config.py` (enums, `LossConfig`), `registry.py` (the recipes), `advantages.py` / `groups.py`
-(advantage estimators), `policy_loss.py` (the clipped objective), `batch.py` (`prepare_batch`,
-`compute_loss`), `stats.py` (masked statistics, accumulable diagnostics).
+(advantage estimators), `variants.py` (the RLOO, Dr. GRPO and GSPO recipes), `policy_loss.py`
+(the clipped objective), `batch.py` (`prepare_batch`, `compute_loss`), `stats.py` (masked
+statistics, accumulable diagnostics).
 """
 
 from gtpo_jax.errors import ConfigError
@@ -31,6 +33,7 @@ from gtpo_jax.losses.config import (
 from gtpo_jax.losses.policy_loss import LossOutput, policy_loss
 from gtpo_jax.losses.registry import Recipe, register
 from gtpo_jax.losses.stats import MaxStat, MeanStat, MinStat, finalize_diagnostics, merge_diagnostics
+from gtpo_jax.losses.variants import rloo_advantages  # importing it registers rloo, dr_grpo, gspo
 
 __all__ = [
     "RECIPES",
@@ -63,4 +66,5 @@ __all__ = [
     "policy_loss",
     "prepare_batch",
     "register",
+    "rloo_advantages",
 ]

@@ -35,6 +35,9 @@ class Algorithm(enum.StrEnum):
     DAPO = "dapo"
     GTPO = "gtpo"
     GRPO_S = "grpo_s"
+    RLOO = "rloo"  # leave-one-out baseline (`variants.py`)
+    DR_GRPO = "dr_grpo"  # GRPO without std scaling, constant-length aggregation (`variants.py`)
+    GSPO = "gspo"  # sequence-level geometric-mean ratio and clip (`variants.py`)
 
 
 class LossAgg(enum.StrEnum):
@@ -57,6 +60,8 @@ class RatioLevel(enum.StrEnum):
 
     TOKEN = "token"  # one ratio per token (GRPO, DAPO, GTPO; Eq. 7)
     SEQUENCE = "sequence"  # one ratio per response, the mean of its token ratios (GRPO-S)
+    # one ratio per response, the geometric mean of its token ratios, exp(mean_t log w) (GSPO)
+    SEQUENCE_GEOMETRIC = "sequence_geometric"
 
 
 class GTPONorm(enum.StrEnum):
@@ -115,7 +120,7 @@ BASE_DEFAULTS: Mapping[str, Any] = types.MappingProxyType({
 class LossConfig:
     """Loss hyperparameters. `None` = the chosen algorithm's recipe default."""
 
-    # Recipe name: "grpo", "dapo", "gtpo", "grpo_s" (or any registered recipe).
+    # Recipe name: "grpo", "dapo", "gtpo", "grpo_s", "rloo", "dr_grpo", "gspo" (or any registered recipe).
     algorithm: str = Algorithm.GTPO.value
     # G, responses sampled per prompt; group-relative recipes need G >= 2.
     group_size: int | None = None
@@ -124,7 +129,8 @@ class LossConfig:
     eps_high: float | None = None
     # Dual-clip constant c > 1 bounding the objective of negative advantages by c*A; 0 disables.
     dual_clip: float | None = None
-    # Aggregation: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm".
+    # Aggregation: "token_mean", "seq_mean_token_mean" or "seq_mean_token_sum_norm" (each response's
+    # token sum / norm_len, then the mean over responses: Dr.GRPO, RLOO).
     loss_agg: LossAgg | str | None = None
     # Fixed divisor of seq_mean_token_sum_norm (Dr.GRPO's MAX_TOKENS); 0 = the padded length T.
     norm_len: int | None = None
@@ -136,7 +142,7 @@ class LossConfig:
     success_threshold: float | None = None
     # Guards every division (entropies are taken as H + eps, stds as std + eps).
     eps: float | None = None
-    # GRPO/DAPO: divide by the group's reward std (False = Dr.GRPO).
+    # GRPO/DAPO/GSPO: divide by the group's reward std (False = Dr.GRPO's advantage).
     scale_rewards: bool | None = None
     # GTPO Eq. 3/5: weight of the outcome reward and of the entropy-shaped bonus.
     alpha1: float | None = None

@@ -4,8 +4,9 @@ Pieces, each a small pure function:
 
 - `clipped_surrogate`: PPO/DAPO `min(w*A, clip(w, 1-eps_low, 1+eps_high)*A)` with optional
   dual clip (Ye et al., 2020: for `A < 0` the objective is bounded below by `c*A`).
-- `token_ratios` / `sequence_ratios`: the token importance weight `exp(logp - old_logp)`
-  (DAPO, GTPO, Eq. 7) or GRPO-S's per-response arithmetic mean of its token ratios.
+- `token_ratios` / `sequence_ratios` / `sequence_geometric_ratios`: the token importance
+  weight `exp(logp - old_logp)` (DAPO, GTPO, Eq. 7), GRPO-S's per-response arithmetic mean of
+  its token ratios, or GSPO's geometric mean `exp(mean_t (logp - old_logp))`.
 - `kl_penalty`: estimators `k1` (`logp - ref`) and `k3` (`exp(ref-logp) - (ref-logp) - 1`,
   via `expm1` so it keeps precision when the policies are close).
 - `aggregate`: turns per-token losses into a *(sum, denominator)* pair. Summing both over
@@ -61,6 +62,14 @@ def sequence_ratios(logp: Array, old_logp: ArrayLike, mask: Array) -> Float[Arra
     ratio = token_ratios(logp, old_logp, mask)
     count = jnp.sum(mask, axis=-1)
     return jnp.where(count > 0, jnp.sum(mask * ratio, axis=-1) / jnp.maximum(count, 1), 1.0)
+
+
+def sequence_geometric_ratios(logp: Array, old_logp: ArrayLike, mask: Array) -> Float[Array, "P G"]:
+    """GSPO weights: `s_i = exp(mean_{t valid} (logp - old_logp))`, the geometric mean of the token
+    ratios, i.e. `(pi(y_i) / pi_old(y_i)) ** (1 / |y_i|)` (1 for an empty response)."""
+    count = jnp.sum(mask, axis=-1)
+    mean_log_ratio = jnp.sum(mask * token_log_ratios(logp, old_logp, mask), axis=-1) / jnp.maximum(count, 1)
+    return jnp.exp(mean_log_ratio)
 
 
 def clipped_surrogate(
@@ -148,10 +157,10 @@ def policy_loss(
     """Clipped policy-gradient loss `-J` (+ `kl_coef * KL`) as a (sum, denominator) pair.
 
     Token level (Eq. 7): `advantages` is `[P, G, T]` and each token has its own ratio.
-    Sequence level (GRPO-S): `advantages` is `[P, G]`, the ratio is `sequence_ratios`, and
-    each response's objective counts as if spread over its tokens (`aggregate_sequences`,
-    computed at `[P, G]`), so that `seq_mean_token_mean` gives the paper's
-    `(1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i)`.
+    Sequence level (GRPO-S; GSPO with `sequence_geometric`): `advantages` is `[P, G]`, the
+    ratio is `sequence_ratios` (`sequence_geometric_ratios`), and each response's objective
+    counts as if spread over its tokens (`aggregate_sequences`, computed at `[P, G]`), so that
+    `seq_mean_token_mean` gives the papers' `(1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i)`.
     `old_logp`, `advantages`, `ref_logp`, `entropy` and `mask` are constants.
     `entropy` and `correct` only feed the diagnostics (entropy of O+ / O- tokens).
     """
@@ -165,7 +174,8 @@ def policy_loss(
     if ratio_level is RatioLevel.TOKEN:
         s = _token_surrogate(ratio, adv, m, clip, loss_agg, norm_len)
     else:
-        s = _sequence_surrogate(logp, old_logp, adv, m, clip, loss_agg, norm_len)
+        ratios = sequence_ratios if ratio_level is RatioLevel.SEQUENCE else sequence_geometric_ratios
+        s = _sequence_surrogate(ratios(logp, old_logp, m), adv, m, clip, loss_agg, norm_len)
 
     diagnostics: Diagnostics = {
         "clip_frac_low": MeanStat.of(s.low.astype(dtype), s.clip_weight),
@@ -213,14 +223,13 @@ def _token_surrogate(
 
 
 def _sequence_surrogate(
-    logp: Array, old_logp: ArrayLike, adv: Array, m: Array, clip: dict, loss_agg: LossAgg | str, norm_len: int | None
+    seq_ratio: Array, adv: Array, m: Array, clip: dict, loss_agg: LossAgg | str, norm_len: int | None
 ) -> _Surrogate:
-    """GRPO-S: one ratio (the mean of the token ratios) and one advantage per response."""
+    """GRPO-S / GSPO: one ratio (`seq_ratio`, [P, G]) and one advantage per response."""
     if adv.shape != m.shape[:-1]:
         raise ValueError(f"sequence-level loss needs advantages shaped {m.shape[:-1]}, got {adv.shape}")
     present = (jnp.sum(m, axis=-1) > 0).astype(m.dtype)
     adv = jnp.where(present > 0, adv, 0)
-    seq_ratio = sequence_ratios(logp, old_logp, m)
     seq_obj, low, high = clipped_surrogate(seq_ratio, adv, **clip)
     # The response's objective spread over its tokens, so that seq_mean_token_mean is the
     # paper's (1/G) sum_i min(ŵ_i Â_i, clip(ŵ_i) Â_i).

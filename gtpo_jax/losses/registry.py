@@ -4,9 +4,11 @@ defaults (docs/algorithms.md describes the four built-in ones and their equation
 GRPO, DAPO, GTPO and GRPO-S are assembled from the same parts (`advantages.py`,
 `policy_loss.py`). Adding an algorithm is one advantage function and one `register(...)`:
 
-    def rloo(cfg: LossConfig, x: AdvantageInputs) -> Array: ...   # [P, G, T] (or [P, G])
+    def my_baseline(cfg: LossConfig, x: AdvantageInputs) -> Array: ...   # [P, G, T] (or [P, G])
 
-    register(name="rloo", advantages=rloo, ratio_level=RatioLevel.TOKEN, doc="RLOO baseline.")
+    register(name="my_baseline", advantages=my_baseline, ratio_level=RatioLevel.TOKEN, doc="...")
+
+(`variants.py` does exactly this for the presets RLOO, Dr. GRPO and GSPO.)
 
 A recipe reads the fields of `OBJECTIVE_READS` (what `prepare_batch` and `compute_loss` read
 for every recipe) plus the knobs of its advantage function (`reads=`). Some are read only in
