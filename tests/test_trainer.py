@@ -57,7 +57,15 @@ EXTRA = {
 EVAL_KEYS = {"avg@4", "pass@1", "pass@2", "pass@4", "greedy_pass@1", "prompts", "reward_invalid_frac"}
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s", "rloo", "dr_grpo", "gspo"])
+# rloo and dr_grpo add nothing the trainer sees that the others lack (a token-level advantage,
+# an existing aggregation): slow, to keep the default suite within its time.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    ["grpo", "dapo", "gtpo", "grpo_s", "gspo", pytest.param("rloo", marks=SLOW), pytest.param("dr_grpo", marks=SLOW)],
+)
 def test_each_algorithm_runs_two_steps(tmp_path, algorithm):
     reads = ConfigReads()
     cfg = reads.track(tiny_config(tmp_path, **{"loss.algorithm": algorithm, **EXTRA.get(algorithm, {})}))
