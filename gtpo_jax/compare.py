@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -140,7 +140,8 @@ def main(argv: list[str]) -> None:
     from gtpo_jax.errors import ConfigError
     from gtpo_jax.training.grid import run_grid
 
-    logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # warnings only, unless the user asks (--verbosity=0: INFO)
+        logging.set_verbosity(logging.WARNING)
     try:
         grid = run_grid(_CONFIG.value.to_dict(), log=lambda text: print(text, flush=True))
     except ConfigError as e:

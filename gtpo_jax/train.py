@@ -35,7 +35,8 @@ def main(argv: list[str]) -> None:
     from gtpo_jax.training.loop import Trainer
 
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
-    logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # warnings only, unless the user asks (--verbosity=0: INFO)
+        logging.set_verbosity(logging.WARNING)
     try:  # bad input: one line naming the field, file or record, no traceback
         cfg = from_config_dict(_CONFIG.value)
         trainer = Trainer(cfg)

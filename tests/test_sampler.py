@@ -209,3 +209,22 @@ def test_bad_sampling_config():
         from_dict({"rollout": {"temperature": -1}})
     with pytest.raises(ValueError, match="group_size=0"):
         sampling_config(group_size=0)
+
+
+def test_each_sampler_compilation_is_logged_once(caplog):
+    """Every new (P, bucket, sampling setting) is a compilation; evaluation's greedy sampling is one too."""
+    from types import SimpleNamespace
+
+    from gtpo_jax.training.build import Run
+
+    run = Run(*[SimpleNamespace()] * 2, None, None, None, None, None, None, None, None)
+    train, greedy = sampling_config(group_size=8), sampling_config(group_size=1, temperature=0.0)
+    with caplog.at_level("INFO"):
+        for shape, cfg in [((16, 32), train), ((16, 32), train), ((16, 32), greedy), ((16, 64), train)]:
+            run.note_sampler_shape(shape, cfg)
+    lines = [r.getMessage() for r in caplog.records if "sampler: compiling" in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == [
+        "sampler: compiling for P=16 prompt bucket=32 G=8 T=8 temperature=1",
+        "sampler: compiling for P=16 prompt bucket=32 G=1 T=8 temperature=0",
+        "sampler: compiling for P=16 prompt bucket=64 G=8 T=8 temperature=1",
+    ]

@@ -322,3 +322,12 @@ def test_warmup_and_held_out_prompts_obey_the_prompt_length_limit(caplog):
     assert [r for r in train if len(r["prompt"]) <= 9] == fit_train and 0 < len(fit_train) < len(train)
     assert [r for r in test if len(r["prompt"]) <= 9] == fit_test and 0 < len(fit_test) < len(test)
     assert f"left out {len(test) - len(fit_test)} of {len(test)} held-out prompts longer than " in caplog.text
+
+
+def test_prompts_per_step_the_batch_axes_cannot_split_are_warned_about():
+    from gtpo_jax.training.build import _replicated_rows
+
+    mesh = make_mesh(fsdp=8)
+    assert _replicated_rows(from_dict({"train": {"prompts_per_step": 16}}), mesh) == []
+    (line,) = _replicated_rows(from_dict({"train": {"prompts_per_step": 12}}), mesh)
+    assert line.startswith("train.prompts_per_step=12 is not a multiple of the 8 devices along the batch axes")

@@ -30,7 +30,7 @@ from gtpo_jax.data.tokenizer import Tokenizer, load_tokenizer
 from gtpo_jax.errors import ConfigError
 from gtpo_jax.models import presets
 from gtpo_jax.models.families import family
-from gtpo_jax.models.sharding import ModelDef, create_sharded
+from gtpo_jax.models.sharding import ModelDef, batch_width, create_sharded
 from gtpo_jax.models.transformer import ModelConfig
 from gtpo_jax.models.weights import load_hf, read_config
 from gtpo_jax.parallel.mesh import mesh_from_config
@@ -56,18 +56,19 @@ class Run:
     sampling: SamplingConfig  # the rollout section + G, stop and pad tokens
     optimizer: optax.GradientTransformation | None  # None when built for evaluation
     fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
-    sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket) compiled so far
+    sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket, SamplingConfig) so far
 
-    def note_sampler_shape(self, shape: tuple[int, ...]) -> None:
-        """Logs a sampler input shape seen for the first time (each one is a compilation)."""
-        if shape not in self.sampler_shapes:
-            self.sampler_shapes.add(shape)
+    def note_sampler_shape(self, shape: tuple[int, ...], sampling: SamplingConfig) -> None:
+        """Logs (at INFO) a sampler input seen for the first time: each is a compilation."""
+        if (*shape, sampling) not in self.sampler_shapes:
+            self.sampler_shapes.add((*shape, sampling))
+            r = sampling.rollout
             logging.info(
-                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d (%d shapes so far)",
-                shape[0],
-                shape[1],
-                self.sampling.group_size,
-                self.cfg.rollout.max_new_tokens,
+                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d temperature=%g (%d compilations so far)",
+                *shape,
+                sampling.group_size,
+                r.max_new_tokens,
+                r.temperature,
                 len(self.sampler_shapes),
             )
 
@@ -98,12 +99,23 @@ def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
     sampling = SamplingConfig(cfg.rollout, cfg.loss.group_size, tuple(tok.stop_ids), tok.pad_id)
     optimizer = fns = None
     if train:
-        for line in ignored_fields(cfg):
+        for line in [*ignored_fields(cfg), *_replicated_rows(cfg, mesh)]:
             logging.warning("config: %s", line)
         updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
         optimizer = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
         fns = step_fns(model, cfg, optimizer, mesh)
     return Run(cfg, mesh, model_cfg, model, tok, encode, Placement(mesh), sampling, optimizer, fns)
+
+
+def _replicated_rows(cfg: Config, mesh: Mesh) -> list[str]:
+    """Rows that the batch axes cannot split are replicated on every device: N times the work."""
+    width, p = batch_width(mesh), cfg.train.prompts_per_step
+    if p % width == 0:
+        return []
+    return [
+        f"train.prompts_per_step={p} is not a multiple of the {width} devices along the batch axes: the rollout "
+        f"and scoring rows are replicated on every device ({width}x the work); use a multiple of {width}"
+    ]
 
 
 def initial_params(run: Run) -> Any:

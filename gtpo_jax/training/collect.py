@@ -150,9 +150,10 @@ def draw(
     """Pads and places the records' prompts once, draws G responses for each, and scores them."""
     ids = [run.encode(r) for r in records]
     tokens, valid = pad_prompts(ids, run.cfg.rollout.prompt_buckets, run.tok.pad_id)
-    run.note_sampler_shape(tokens.shape)
+    sampling = sampling or run.sampling
+    run.note_sampler_shape(tokens.shape, sampling)
     prompts, prompt_valid = run.place.put((tokens, valid))
-    rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling or run.sampling))
+    rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling))
     lengths, finish = gather_rows((rollout.lengths, rollout.finish_reason))
     rewards, status, first_error = score_rollout(rollout, records, run.tok, pool)
     truncated, prompt_lengths = finish == FINISH_LENGTH, np.asarray([len(i) for i in ids])
