@@ -4,6 +4,7 @@ KL reference across a preemption, and rows that stay sharded."""
 
 import dataclasses
 from dataclasses import replace
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +332,20 @@ def test_prompts_per_step_the_batch_axes_cannot_split_are_warned_about():
     assert _replicated_rows(from_dict({"train": {"prompts_per_step": 16}}), mesh) == []
     (line,) = _replicated_rows(from_dict({"train": {"prompts_per_step": 12}}), mesh)
     assert line.startswith("train.prompts_per_step=12 is not a multiple of the 8 devices along the batch axes")
+
+
+def test_host_verdicts_follow_the_loss_rule():
+    """The collector decides informativeness on the host (numpy); it must be the loss's own rule."""
+    from gtpo_jax.losses.groups import informative_from_sets
+    from gtpo_jax.training.collect import verdicts
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rewards = rng.choice([0.0, 0.3, 1.0], size=(6, 4)).astype(np.float32)
+        status, truncated = rng.choice([0, 0, 0, 1], size=(6, 4)).astype(np.int8), rng.random((6, 4)) < 0.3
+        batch = SimpleNamespace(rewards=rewards, valid=status == 0, truncated=truncated)
+        for mask_truncated in (False, True):
+            v = verdicts(batch, success_threshold=0.5, mask_truncated=mask_truncated)
+            kept = (status == 0) & ~truncated if mask_truncated else status == 0
+            np.testing.assert_array_equal(v.informative, informative_from_sets(rewards > 0.5, kept))
+            assert v.informative.dtype == bool and isinstance(v.informative, np.ndarray)
