@@ -10,7 +10,8 @@ from train_helpers import load_config_file
 from gtpo_jax.config import from_config_dict
 from gtpo_jax.models.presets import get_preset
 from gtpo_jax.models.sharding import ModelDef, abstract_model, make_mesh
-from gtpo_jax.training.state import init_state, make_optimizer
+from gtpo_jax.training.build import run_optimizer
+from gtpo_jax.training.state import init_state
 from gtpo_jax.training.update import Groups, step_fns
 
 SDS = jax.ShapeDtypeStruct
@@ -25,7 +26,7 @@ def test_paper_config_train_step_traces_on_abstract_parameters(path, billions):
     params = nnx.to_pure_dict(abstract)
     count = sum(x.size for x in jax.tree.leaves(params))
     assert abs(count / 1e9 - billions) < 0.1, count
-    optimizer = make_optimizer(cfg.optim, t.steps * t.mini_batches)
+    optimizer = run_optimizer(cfg)  # the trainer's own (training/build.py)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), params)
     fns = step_fns(ModelDef(graphdef, abstract), cfg, optimizer, make_mesh(devices=jax.devices()[:1]))
     P, G, T, Lp = t.prompts_per_step, cfg.loss.group_size, cfg.rollout.max_new_tokens, cfg.rollout.prompt_buckets[-1]

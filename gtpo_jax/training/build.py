@@ -101,10 +101,15 @@ def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
     if train:
         for line in [*ignored_fields(cfg), *_replicated_rows(cfg, mesh)]:
             logging.warning("config: %s", line)
-        updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
-        optimizer = make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
+        optimizer = run_optimizer(cfg)
         fns = step_fns(model, cfg, optimizer, mesh)
     return Run(cfg, mesh, model_cfg, model, tok, encode, Placement(mesh), sampling, optimizer, fns)
+
+
+def run_optimizer(cfg: Config) -> optax.GradientTransformation:
+    """The run's optimiser: its schedule counts `ppo_epochs x mini_batches` updates a step."""
+    updates_per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
+    return make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
 
 
 def _replicated_rows(cfg: Config, mesh: Mesh) -> list[str]:
