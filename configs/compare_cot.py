@@ -1,0 +1,37 @@
+"""Compare GRPO, DAPO, GTPO, GRPO-S (and GTPO with the joint norm) on the `chain` task, over seeds.
+
+    python -m gtpo_jax.compare --config=configs/compare_cot.py
+
+The `chain` task (`data/tasks.py`) shows a chain of single-digit additions / subtractions,
+`((7+5)-3)+9`; the policy must write every step and then the answer, `7+5=12,12-3=9,9+9=18>18`,
+and only the integer after the last `>` is rewarded (`rewards/chain.py`). A tiny character-level
+policy is warmed up on the written solutions (supervised, once per seed, shared by the seed's
+variants), then each variant trains until it has sampled `train.max_sampled_responses`
+responses. One set of hyperparameters for every variant, chosen on DAPO (below).
+
+Tuning log (DAPO only, 2-core CPU; filled in as measured):
+"""
+
+from gtpo_jax.config import base_config
+
+# The loss fields this config sets on purpose (everything else is the chosen recipe's default).
+LOSS_OVERRIDES = {"group_size": "G = 16: groups with a few correct answers out of 16 are informative at 10-40%"}
+
+
+def get_config():
+    c = base_config()
+    c.model.preset = "tiny_task"
+    c.tokenizer.kind, c.tokenizer.chat_template = "char", "raw"
+    # "((7+5)-3)+9" -> "7+5=12,12-3=9,9+9=18>18": three steps on single digits, 20-30 characters.
+    c.data.update(source="task", task="chain", difficulty=3, operations="+-", num_train=20000, num_test=200,
+                  prompt_style="compact", max_prompt_tokens=16)  # fmt: skip
+    c.rollout.update(max_new_tokens=32, temperature=1.0, prompt_buckets=(16,), max_refill_rounds=2)
+    c.reward.update(name="chain", num_workers=1, timeout_s=5.0)
+    c.loss.algorithm, c.loss.group_size = "dapo", 16
+    c.optim.update(learning_rate=3e-4, warmup_steps=0, max_grad_norm=1.0)
+    c.warmup.update(steps=1500, batch_size=64, learning_rate=3e-3)
+    c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
+    c.train.max_sampled_responses = 200 * 16 * 16
+    c.eval.update(every=25, num_prompts=200, samples=16, temperature=1.0, greedy=True)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # every local device along fsdp
+    return c
