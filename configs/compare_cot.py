@@ -9,7 +9,14 @@ policy is warmed up on the written solutions (supervised, once per seed, shared 
 variants), then each variant trains until it has sampled `train.max_sampled_responses`
 responses. One set of hyperparameters for every variant, chosen on DAPO (below).
 
-Tuning log (DAPO only, 2-core CPU; filled in as measured):
+Tuning log (DAPO only, seed 0, on the 2-core CPU shared with other jobs, load average 6-14, so
+wall times here are several times what an idle machine takes). Each run:
+`python -m gtpo_jax.compare --config=configs/compare_cot.py --config.compare.variants=dapo
+--config.compare.seeds=0 --config.eval.samples=4 --config.eval.every=20 <overrides>`
+(the compare command with DAPO alone = `train` with `loss.algorithm=dapo`, plus a saved warm-up).
+
+- r1, warm-up 1500 x 64 at 3e-3: killed by its own 15-minute `timeout` after warm-up step ~700
+  (cross-entropy 0.64 at 300, 0.17 at 600); the warm-up alone ran ~2 s/step under the load.
 """
 
 from gtpo_jax.config import base_config
@@ -29,7 +36,7 @@ def get_config():
     c.reward.update(name="chain", num_workers=1, timeout_s=5.0)
     c.loss.algorithm, c.loss.group_size = "dapo", 16
     c.optim.update(learning_rate=3e-4, warmup_steps=0, max_grad_norm=1.0)
-    c.warmup.update(steps=1500, batch_size=64, learning_rate=3e-3)
+    c.warmup.update(steps=700, batch_size=64, learning_rate=3e-3)
     c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
     c.train.max_sampled_responses = 200 * 16 * 16
     c.eval.update(every=25, num_prompts=200, samples=16, temperature=1.0, greedy=True)
