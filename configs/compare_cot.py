@@ -27,6 +27,17 @@ wall times here are several times what an idle machine takes). Each run:
   response 24.0 tokens, sampled accuracy 18%; per-token entropy p10 0.000, p25 0.001, p50 0.009,
   p75 0.088, p90 0.70, p99 1.42 (mean 0.16), within-response std 0.32: near-zero on copied digits
   and operators, 0.3-1.4 on the result digits, where the forks are.
+- r3, as r2 but `--config.train.mini_batches=4 --config.train.max_sampled_responses=24576` (four
+  updates per rollout): 49 steps, 471 s. Greedy 23.5 -> 18.0% (step 25) -> 15.5% at the end (-8),
+  avg@4 17.4 -> 15.6%: too much movement per sample; back to one update per rollout.
+- r4, as r2 but `--config.optim.learning_rate=5e-4 --config.train.max_sampled_responses=24576`:
+  see the end of this list (killed by its 9-minute timeout if not written).
+
+Chosen (shared by every variant): lr 3e-4 constant, G = 16, 16 prompts a step, one update per
+rollout, a budget of 40960 sampled responses (r2's). NOT yet tuned to the issue's goal: r2's
++14 greedy points at step 80 fell back to +4 at its end, within the evaluation's noise; more
+tuning runs (longer budgets, lr 4e-4, difficulty 4) are still to do, and on an idle 2-core
+machine a run's RL part must be re-timed against the 6-minute limit.
 """
 
 from gtpo_jax.config import base_config
@@ -48,7 +59,7 @@ def get_config():
     c.optim.update(learning_rate=3e-4, warmup_steps=0, max_grad_norm=1.0)
     c.warmup.update(steps=700, batch_size=64, learning_rate=3e-3)
     c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
-    c.train.max_sampled_responses = 200 * 16 * 16
-    c.eval.update(every=25, num_prompts=200, samples=16, temperature=1.0, greedy=True)
+    c.train.max_sampled_responses = 160 * 16 * 16  # 40960: r2's budget, ~87 DAPO steps with refills
+    c.eval.update(every=20, num_prompts=200, samples=16, temperature=1.0, greedy=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # every local device along fsdp
     return c
