@@ -31,7 +31,7 @@ wall times here are several times what an idle machine takes). Each run:
   updates per rollout): 49 steps, 471 s. Greedy 23.5 -> 18.0% (step 25) -> 15.5% at the end (-8),
   avg@4 17.4 -> 15.6%: too much movement per sample; back to one update per rollout.
 - r4, as r2 but `--config.optim.learning_rate=5e-4 --config.train.max_sampled_responses=24576`:
-  47 steps, ~450 s. Greedy 23.5 -> 12.0% (step 25) -> 17.0% at the end (-6.5), avg@4
+  47 steps, 511 s. Greedy 23.5 -> 12.0% (step 25) -> 17.0% at the end (-6.5), avg@4
   17.4 -> 14.4%: 5e-4 is too high here (the earlier 1e-3 collapsed to 0).
 
 Chosen (shared by every variant): lr 3e-4 constant, G = 16, 16 prompts a step, one update per
