@@ -53,6 +53,7 @@ class FieldPreset(enum.StrEnum):  # field names of a data file (data/sources.py 
 class Task(enum.StrEnum):  # the built-in synthetic tasks (data/tasks.py TASKS)
     ARITHMETIC = "arithmetic"
     COUNTDOWN = "countdown"
+    CHAIN = "chain"
 
 
 class PromptStyle(enum.StrEnum):
@@ -212,7 +213,7 @@ class DataSection(Section):
     test_path: str = ""
     # Field preset ("gsm8k", "math", "dapo") of the files.
     fields: FieldPreset = FieldPreset.DAPO
-    # Built-in task ("arithmetic", "countdown"), its difficulty, and how many problems to draw.
+    # Built-in task ("arithmetic", "countdown", "chain"), its difficulty, and how many problems to draw.
     task: Task = Task.ARITHMETIC
     difficulty: int = 2
     # Operators the task draws from (a subset of "+-*").
@@ -270,7 +271,7 @@ class RolloutSection(Section):
 @dataclasses.dataclass(frozen=True)
 class RewardSection(Section):
     _name = "reward"
-    # Reward function name (rewards/registry.py): "math", "dapo", "exact", "format", "countdown".
+    # Reward function name (rewards/registry.py): "math", "dapo", "exact", "format", "countdown", "chain".
     name: str = "exact"
     # Regex whose group 1 is the answer when the completion has no \boxed{} (empty = none).
     answer_pattern: str = ""

@@ -124,7 +124,7 @@ BAD_VALUES = [
     ("tokenizer", "chat_template", "chat_ml", "expected 'chatml', 'plain' or 'raw'; did you mean 'chatml'?"),
     ("data", "source", "json", "expected 'task', 'jsonl', 'parquet' or 'tfds'; did you mean 'jsonl'?"),
     ("data", "fields", "gsm8", "expected 'gsm8k', 'math' or 'dapo'; did you mean 'gsm8k'?"),
-    ("data", "task", "countdwn", "expected 'arithmetic' or 'countdown'; did you mean 'countdown'?"),
+    ("data", "task", "countdwn", "expected 'arithmetic', 'countdown' or 'chain'; did you mean 'countdown'?"),
     ("data", "prompt_style", "compat", "expected 'instruction' or 'compact'; did you mean 'compact'?"),
     ("data", "difficulty", 0, "must be >= 1"),
     ("data", "num_train", 0, "must be >= 1"),

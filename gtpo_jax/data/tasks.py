@@ -6,6 +6,10 @@
   `+ - * /` and parentheses. Any correct expression is accepted; the verifier parses it with a
   small recursive-descent parser over exact fractions (`rewards/countdown.py`; nothing is
   evaluated as Python).
+- `chain`: the arithmetic task's chain of `difficulty` operations on single digits (`((7+5)-3)+9`),
+  with a reference `solution` that writes every intermediate step and then the final answer
+  after `>` (`7+5=12,12-3=9,9+9=18>18`): responses of ~20+ tokens whose path matters. Its reward
+  (`rewards/chain.py`) reads only the answer after the last `>`; the warm-up trains on `solution`.
 
 `generate(task, n, seed=..., difficulty=..., split=..., operations="+-*")` is deterministic. A problem's split is a
 function of its text alone (a hash), so `train` and `test` are disjoint whatever the seeds.
@@ -56,7 +60,21 @@ def _countdown(rng: random.Random, difficulty: int, operations: str = "+-*") -> 
     return {"prompt": prompt, "answer": str(int(value)), "numbers": shown, "target": int(value), "compact": compact}
 
 
-TASKS = {"arithmetic": _arithmetic, "countdown": _countdown}
+def _chain(rng: random.Random, difficulty: int, operations: str = "+-*") -> dict[str, Any]:
+    value = rng.randint(1, 9)
+    text, steps = str(value), []
+    for _ in range(difficulty):
+        op, operand = rng.choice(operations), rng.randint(1, 9)
+        result = value + operand if op == "+" else value - operand if op == "-" else value * operand
+        steps.append(f"{value}{op}{operand}={result}")
+        text, value = f"({text}{op}{operand})", result
+    text = text[1:-1] if text.startswith("(") else text
+    prompt = f"Compute {text} step by step, then write > and the final answer."
+    solution = ",".join(steps) + f">{value}"
+    return {"prompt": prompt, "answer": str(value), "solution": solution, "compact": text}
+
+
+TASKS = {"arithmetic": _arithmetic, "countdown": _countdown, "chain": _chain}
 
 
 def generate(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gtpo_jax.errors import ConfigError, UnknownName, did_you_mean
-from gtpo_jax.rewards import countdown
+from gtpo_jax.rewards import chain, countdown
 from gtpo_jax.rewards import math as math_rewards
 
 RewardFn = Callable[..., tuple[float, dict]]
@@ -52,6 +52,7 @@ register(RewardSpec("dapo", math_rewards.dapo_reward, failure_score=-1.0))
 register(RewardSpec("exact", math_rewards.exact_reward))
 register(RewardSpec("format", math_rewards.format_reward, needs=()))
 register(RewardSpec("countdown", countdown.countdown_reward, needs=("numbers", "target")))
+register(RewardSpec("chain", chain.chain_reward))
 
 
 class RewardConfigError(ConfigError):

@@ -2,8 +2,9 @@
 
 RL needs a policy that solves part of the task (no signal when every group is all-wrong). For a
 randomly initialised model on a built-in task, a short warm-up on `prompt -> answer<eos>` gets
-it there inside the run. The loss is the mean negative log-prob of the answer tokens, computed
-by the same chunked scoring op the RL loss uses (`scoring.score` at temperature 1).
+it there inside the run; a record with a reference `solution` (a written-out path, as the `chain`
+task's) teaches that instead (`reference_text`). The loss is the mean negative log-prob of the
+target tokens, computed by the same chunked scoring op the RL loss uses (`scoring.score` at temperature 1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
 from gtpo_jax.scoring import score
 from gtpo_jax.training.build import Run
+
+
+def reference_text(record: dict[str, Any]) -> str:
+    """What the warm-up teaches for `record`: its `solution` when it has one, else its `answer`."""
+    return str(record["solution"]) if record.get("solution") else str(record["answer"])
 
 
 def answer_tokens(tok: Tokenizer, answers: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +77,7 @@ def supervised_warmup(
         batch = [records[j] for j in order[position : position + cfg.batch_size]]
         position += cfg.batch_size
         prompts, valid = pad_prompts([encode(r) for r in batch], buckets, tok.pad_id)
-        tokens, mask = answer_tokens(tok, [r["answer"] for r in batch], width)
+        tokens, mask = answer_tokens(tok, [reference_text(r) for r in batch], width)
         params, opt_state, loss = step(params, opt_state, prompts, valid, tokens, mask)
         if (i + 1) % max(cfg.steps // 5, 1) == 0 or i + 1 == cfg.steps:
             log(f"warm-up {i + 1}/{cfg.steps}: answer cross-entropy {float(loss):.4f}")
@@ -89,7 +95,7 @@ def warm_up(
     """`supervised_warmup` as the run's config asks (`steps` overrides `warmup.steps`)."""
     cfg = run.cfg
     w = cfg.warmup if steps is None else dataclasses.replace(cfg.warmup, steps=steps)
-    log(f"warm-up: {w.steps} supervised steps on reference answers")
+    log(f"warm-up: {w.steps} supervised steps on reference solutions / answers")
     return supervised_warmup(
         run.model.merge,
         params,
