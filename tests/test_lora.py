@@ -83,6 +83,17 @@ def test_targets_choose_the_adapted_projections_and_bad_ones_are_named():
         config_sections.ModelSection(param_dtype="bfloat16")
 
 
+def test_dropout_acts_only_when_a_key_is_given():
+    _, adapted = lora_model(lora_dropout=0.5)
+    model_def, params = split_model(adapted)
+    model = model_def.merge(with_b(params))
+    positions = transformer.positions_from_valid(VALID)
+    plain = model(TOKENS, positions, VALID)[0]
+    dropped = model(TOKENS, positions, VALID, dropout_key=jax.random.key(0))[0]
+    np.testing.assert_array_equal(np.asarray(model(TOKENS, positions, VALID)[0]), np.asarray(plain))
+    assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-3
+
+
 def _step_inputs(run, params, kl):
     """One hand-made rollout batch of the run's shapes and its loss batch (half the group right)."""
     P, G, T, Lp = 4, run.cfg.loss.group_size, run.cfg.rollout.max_new_tokens, 8

@@ -3,7 +3,8 @@
 RMSNorm (`w * x` or Gemma's `(1 + w) * x`), rotary position embeddings (configurable theta,
 Llama-3 or linear frequency scaling, a second base for sliding-window layers), grouped-query
 attention with optional q/k/v bias (Qwen2), optional per-head QK-norm (Qwen3, Gemma 3), optional
-sliding-window layers (Gemma 3's local layers), a gated MLP (SiLU or tanh-GELU), optional norms
+sliding-window layers (Gemma 3's local layers), optional LoRA adapters on any projection
+(`lora_rank`; models/lora.py), a gated MLP (SiLU or tanh-GELU), optional norms
 after attention and MLP (Gemma 3), tied or untied embeddings, optionally scaled by `sqrt(d)`.
 The model reads only these switches of `ModelConfig`; which family sets which is recorded in
 `models/families.py`. Every parameter carries `logical_axes` metadata (`models/sharding.py`
