@@ -13,7 +13,9 @@ gradient is exactly zero, takes no optimiser step either: AdamW would still move
 by its stale momentum and weight decay. It is reported as `empty_update` and counted.
 
 Every function takes the policy as its pure-dict parameter tree and merges it with the run's
-`ModelDef` inside jit (the sampler does the same): one form of the policy.
+`ModelDef` inside jit (the sampler does the same): one form of the policy. When the tree holds
+LoRA adapters (models/lora.py), the update differentiates and AdamW-updates only them (the
+optimizer state is theirs alone); the frozen base goes through the jitted step unchanged.
 """
 
 from __future__ import annotations
