@@ -23,6 +23,7 @@ from gtpo_jax.models.weights import export_hf, load_hf
 from gtpo_jax.rollout.sampler import sample, sampling_config
 from gtpo_jax.scoring import score
 from gtpo_jax.training.build import build
+from gtpo_jax.training.checkpoint import Checkpointer, abstract_params
 from gtpo_jax.training.loop import Trainer, kl_reference
 from gtpo_jax.training.state import init_state
 from gtpo_jax.training.update import Groups
@@ -208,3 +209,8 @@ def test_a_lora_run_checkpoints_adapters_and_their_optimizer_state(tmp_path):
     adapters, _ = lora.split_trainable(fresh.state.params)
     assert jax.tree.structure(fresh.state.opt_state[1][0].mu) == jax.tree.structure(adapters)
     assert int(fresh.state.step) == 2
+    # Evaluation reads the parameters alone (base + adapters) into the run's abstract model.
+    checkpoints = Checkpointer(tmp_path / "checkpoints")
+    params, _ = checkpoints.restore_params(2, abstract_params(fresh.built.model, fresh.built.mesh))
+    checkpoints.close()
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, jax.device_get(trainer.state.params))))
