@@ -19,6 +19,9 @@ from typing import Any
 
 from gtpo_jax.errors import ConfigError, did_you_mean
 
+# The projections a LoRA adapter can wrap (models/transformer.py LORA_TARGETS).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
 
 class DType(enum.StrEnum):  # of model.param_dtype and model.dtype
     FLOAT32 = "float32"
@@ -178,15 +181,34 @@ class ModelSection(Section):
     # Vocabulary chunk and token chunk of the log-prob / entropy op (ops/logprobs.py).
     vocab_chunk: int = 16384
     token_chunk: int = 1024
+    # LoRA adapter rank; 0 = off (every weight is trained). With a rank, only the adapters are
+    # trained and held in the optimizer state; the base is frozen (and may be bfloat16), and the
+    # KL reference is the base with the adapters off (models/lora.py).
+    lora_rank: int = 0
+    # Adapter scale alpha / rank ("LoRA Without Regret", Thinking Machines 2025: alpha 32 at any rank).
+    lora_alpha: float = 32.0
+    # Projections that get an adapter: any of q, k, v, o (attention) and gate, up, down (MLP).
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # Dropout on the adapters' input in the update's forward passes (never in sampling or scoring).
+    lora_dropout: float = 0.0
 
     def _validate(self) -> None:
         why = (
             "training needs float32 master parameters (bfloat16 ones lose updates smaller than their "
-            "rounding step); keep param_dtype='float32', set model.dtype='bfloat16' for bf16 compute"
+            "rounding step); keep param_dtype='float32', set model.dtype='bfloat16' for bf16 compute, "
+            "or train LoRA adapters (model.lora_rank > 0: they are float32, the base is frozen)"
         )
-        self._check(self.param_dtype == DType.FLOAT32, "param_dtype", why)
+        self._check(self.param_dtype == DType.FLOAT32 or self.lora_rank > 0, "param_dtype", why)
         self._at_least(1, "vocab_chunk", "token_chunk")
         self._check(bool(self.preset or self.checkpoint), "preset", "name a preset, or set model.checkpoint")
+        self._at_least(0, "lora_rank")
+        self._positive("lora_alpha")
+        self._check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        for target in self.lora_targets:
+            hint = did_you_mean(target, LORA_TARGETS, list_known=False)
+            what = f"unknown target {target!r}{hint}; expected any of {', '.join(LORA_TARGETS)}"
+            self._check(target in LORA_TARGETS, "lora_targets", what)
+        self._check(bool(self.lora_targets) or not self.lora_rank, "lora_targets", "name at least one projection")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,11 +27,13 @@ def score(
     temperature: float = 1.0,
     token_chunk: int = 1024,
     vocab_chunk: int = 16384,
+    dropout_key: Array | None = None,
 ) -> tuple[Float[Array, "P G T"], Float[Array, "P G T"]]:
     """`(logp, entropy)` of each response token under `model`; 0 on padding.
 
     `prompts` are left-padded (`prompt_valid` False on padding) and shared by the `G`
     responses of their group; `responses` are right-padded (`response_mask` 0 on padding).
+    `dropout_key` draws the LoRA adapters' dropout (the update's passes only).
     """
     P, G, T = responses.shape
     Lp = prompts.shape[1]
@@ -42,7 +44,7 @@ def score(
     mask = jnp.asarray(response_mask) > 0
     tokens = jnp.concatenate([jnp.repeat(prompts, G, axis=0), responses.reshape(P * G, T)], axis=1)
     valid = jnp.concatenate([jnp.repeat(prompt_valid, G, axis=0), mask.reshape(P * G, T)], axis=1)
-    hidden, _ = model(tokens, positions_from_valid(valid), valid)
+    hidden, _ = model(tokens, positions_from_valid(valid), valid, dropout_key=dropout_key)
     logp, entropy = token_logprobs_and_entropy(
         hidden[:, Lp - 1 : Lp - 1 + T],
         model.unembedding(),

@@ -35,6 +35,7 @@ DEFAULT_RULES: Rules = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "lora": None,  # the rank of a LoRA adapter (models/lora.py): small, replicated
     "layers": None,  # the stacked-layer axis (`transformer.stacked_blocks`): every device holds all layers
 }
 

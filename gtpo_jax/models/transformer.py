@@ -3,7 +3,8 @@
 RMSNorm (`w * x` or Gemma's `(1 + w) * x`), rotary position embeddings (configurable theta,
 Llama-3 or linear frequency scaling, a second base for sliding-window layers), grouped-query
 attention with optional q/k/v bias (Qwen2), optional per-head QK-norm (Qwen3, Gemma 3), optional
-sliding-window layers (Gemma 3's local layers), a gated MLP (SiLU or tanh-GELU), optional norms
+sliding-window layers (Gemma 3's local layers), optional LoRA adapters on any projection
+(`lora_rank`; models/lora.py), a gated MLP (SiLU or tanh-GELU), optional norms
 after attention and MLP (Gemma 3), tied or untied embeddings, optionally scaled by `sqrt(d)`.
 The model reads only these switches of `ModelConfig`; which family sets which is recorded in
 `models/families.py`. Every parameter carries `logical_axes` metadata (`models/sharding.py`
@@ -36,6 +37,8 @@ FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, named as i
 # The model families this decoder implements; models/families.py describes each (and checks it covers them).
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+# The projections a LoRA adapter can wrap, named as the `Dense` attributes of `Attention` and `MLP`.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,12 @@ class ModelConfig:
     dtype: str = "float32"  # activation dtype; norms, softmax and rotary run in float32 regardless
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
     architecture: str = "llama"  # one of ARCHITECTURES; models/families.py holds each one's names, config.json, GGUF
+    # LoRA (models/lora.py): rank 0 = none; else each projection named in `lora_targets` adds
+    # `(alpha / rank) * dropout(x) @ A @ B`, A `[in, rank]` and B `[rank, out]` float32 (B starts at 0).
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0  # applied to the adapter's input in the update's forward pass only
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -113,6 +122,12 @@ class ModelConfig:
             raise ValueError(f"model.rope_linear_factor={self.rope_linear_factor}: must be > 0")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0 or set(self.lora_targets) - set(LORA_TARGETS) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(
+                f"model.lora_rank={self.lora_rank}, lora_targets={self.lora_targets!r}, lora_dropout="
+                f"{self.lora_dropout}: expected rank >= 0, targets among {', '.join(LORA_TARGETS)}, dropout in [0, 1)"
+            )
 
 
 class KVCache(NamedTuple):
@@ -131,27 +146,57 @@ class KVCache(NamedTuple):
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str, init: str) -> nnx.Param:
-    key = rngs.params()
+    return _param_from(rngs.params(), shape, axes, dtype, init)
+
+
+def _param_from(key: Array, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str, init: str) -> nnx.Param:
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
+    elif init == "lora_a":  # PEFT's default: kaiming-uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in))
+        value = jax.random.uniform(key, shape, dtype, -(shape[0] ** -0.5), shape[0] ** -0.5)
     else:  # fan-in scaled normal, as HF's initializer_range for these sizes
         value = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
     return nnx.Param(value, logical_axes=axes)
 
 
-class Dense(nnx.Module):
-    """`x @ kernel (+ bias)`, kernel `[in, out]` with logical axes, computed in `dtype`."""
+def _fold(key: Array | None, i: int) -> Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs):
-        self.kernel = _param(rngs, (d_in, d_out), axes, cfg.param_dtype, "normal")
+
+class Dense(nnx.Module):
+    """`x @ kernel (+ bias)`, kernel `[in, out]` with logical axes, computed in `dtype`; plus a
+    LoRA adapter when `name` is one of `cfg.lora_targets` (and `cfg.lora_rank > 0`).
+
+    The adapter's A is drawn from a key folded out of the kernel's, so a seed gives the same base
+    weights with or without adapters. It runs in float32 whatever the base's dtypes; with B = 0
+    it adds an exact 0, so the output equals the base's bit for bit."""
+
+    def __init__(
+        self, d_in: int, d_out: int, axes: tuple[str, str], cfg: ModelConfig, *, bias: bool, rngs: nnx.Rngs, name: str
+    ):
+        key = rngs.params()
+        self.kernel = _param_from(key, (d_in, d_out), axes, cfg.param_dtype, "normal")
         self.bias = _param(rngs, (d_out,), (axes[1],), cfg.param_dtype, "zeros") if bias else None
         self.dtype = jnp.dtype(cfg.dtype)
+        r, adapted = cfg.lora_rank, bool(cfg.lora_rank) and name in cfg.lora_targets
+        a_key = jax.random.fold_in(key, 1)
+        self.lora_a = _param_from(a_key, (d_in, r), (axes[0], "lora"), "float32", "lora_a") if adapted else None
+        self.lora_b = _param_from(key, (r, d_out), ("lora", axes[1]), "float32", "zeros") if adapted else None
+        self.lora_scale, self.lora_dropout = cfg.lora_alpha / max(r, 1), cfg.lora_dropout
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        y = y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        if self.lora_a is None:
+            return y
+        h = x.astype(jnp.float32)
+        if dropout_key is not None and self.lora_dropout > 0:
+            keep = 1.0 - self.lora_dropout
+            h = jnp.where(jax.random.bernoulli(dropout_key, keep, h.shape), h / keep, 0.0)
+        delta = jnp.einsum("...i,ir,ro->...o", h, self.lora_a[...], self.lora_b[...]) * self.lora_scale
+        return y + delta.astype(y.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -206,10 +251,10 @@ def apply_rope(x: Float[Array, "B T N D"], positions: Int[Array, "B T"], inv_fre
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q = Dense(d, cfg.num_heads * hd, ("embed", "heads"), cfg, bias=cfg.qkv_bias, rngs=rngs)
-        self.k = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs)
-        self.v = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs)
-        self.o = Dense(cfg.num_heads * hd, d, ("heads", "embed"), cfg, bias=False, rngs=rngs)
+        self.q = Dense(d, cfg.num_heads * hd, ("embed", "heads"), cfg, bias=cfg.qkv_bias, rngs=rngs, name="q")
+        self.k = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs, name="k")
+        self.v = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), cfg, bias=cfg.qkv_bias, rngs=rngs, name="v")
+        self.o = Dense(cfg.num_heads * hd, d, ("heads", "embed"), cfg, bias=False, rngs=rngs, name="o")
         self.q_norm = RMSNorm(hd, cfg, rngs=rngs) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg, rngs=rngs) if cfg.qk_norm else None
         self.cfg = cfg
@@ -222,15 +267,16 @@ class Attention(nnx.Module):
         allowed: Bool[Array, "B 1 1 T S"],
         layer_cache: tuple[Array, Array] | None,
         write_at: Array,
+        key: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.cfg
         B, T, _ = x.shape
         K, G, D = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q, k = self.q(x).reshape(B, T, K * G, D), self.k(x).reshape(B, T, K, D)
+        q, k = self.q(x, _fold(key, 0)).reshape(B, T, K * G, D), self.k(x, _fold(key, 1)).reshape(B, T, K, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        v = self.v(x).reshape(B, T, K, D)
+        v = self.v(x, _fold(key, 2)).reshape(B, T, K, D)
         if layer_cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), write_at, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), write_at, axis=1)
@@ -244,19 +290,20 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, K * G * D)
-        return self.o(out), new_cache
+        return self.o(out, _fold(key, 3)), new_cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs)
-        self.up = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs)
-        self.down = Dense(f, d, ("mlp", "embed"), cfg, bias=False, rngs=rngs)
+        self.gate = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs, name="gate")
+        self.up = Dense(d, f, ("embed", "mlp"), cfg, bias=False, rngs=rngs, name="up")
+        self.down = Dense(f, d, ("mlp", "embed"), cfg, bias=False, rngs=rngs, name="down")
         self.activation = cfg.activation
 
-    def __call__(self, x: Array) -> Array:
-        return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+    def __call__(self, x: Array, key: Array | None = None) -> Array:
+        gate = ACTIVATIONS[self.activation](self.gate(x, _fold(key, 4)))
+        return self.down(gate * self.up(x, _fold(key, 5)), _fold(key, 6))
 
 
 class Block(nnx.Module):
@@ -269,10 +316,10 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.post_mlp_norm = RMSNorm(d, cfg, rngs=rngs) if cfg.post_norms else None
 
-    def __call__(self, x, positions, inv_freq, allowed, layer_cache, write_at):
-        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, layer_cache, write_at)
+    def __call__(self, x, positions, inv_freq, allowed, layer_cache, write_at, key=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, layer_cache, write_at, key)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
-        h = self.mlp(self.mlp_norm(x))
+        h = self.mlp(self.mlp_norm(x), key)
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), new_cache
 
 
@@ -316,7 +363,9 @@ class Transformer(nnx.Module):
         positions: Int[Array, "B T"],
         valid: Bool[Array, "B T"],
         cache: KVCache | None = None,
+        dropout_key: Array | None = None,
     ) -> tuple[Float[Array, "B T d"], KVCache | None]:
+        """`dropout_key`: draws the LoRA adapters' dropout (training passes only; None = no dropout)."""
         cfg = self.cfg
         T = tokens.shape[1]
         x = jnp.take(self.embed[...], tokens, axis=0)
@@ -341,14 +390,15 @@ class Transformer(nnx.Module):
         graphdef, params = nnx.split(self.layers)
 
         def layer(x, xs):
-            layer_params, is_sliding, layer_cache = xs
+            layer_params, is_sliding, layer_cache, key = xs
             block = nnx.merge(graphdef, layer_params)
             allowed = jnp.where(is_sliding, local, full)
             inv_freq = inv_freqs[is_sliding.astype(jnp.int32)]
-            return block(x, positions, inv_freq, allowed, layer_cache, write_at)
+            return block(x, positions, inv_freq, allowed, layer_cache, write_at, key)
 
         step = jax.checkpoint(layer) if cfg.remat else layer
-        x, new = jax.lax.scan(step, x, (params, sliding, None if cache is None else (cache.k, cache.v)))
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+        x, new = jax.lax.scan(step, x, (params, sliding, None if cache is None else (cache.k, cache.v), keys))
         hidden = self.final_norm(x)
         if cache is None:
             return hidden, None

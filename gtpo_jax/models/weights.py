@@ -31,7 +31,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from gtpo_jax.models.families import config_from_hf, config_to_hf, family, family_of_hf
-from gtpo_jax.models.safetensors_io import CheckpointReader, save_checkpoint
+from gtpo_jax.models.lora import base_config, merged, peft_config, peft_tensors
+from gtpo_jax.models.safetensors_io import CheckpointReader, save_checkpoint, save_file
 from gtpo_jax.models.sharding import DEFAULT_RULES, Rules, abstract_model, merge_params, param_shardings
 from gtpo_jax.models.transformer import ModelConfig, Transformer
 
@@ -194,10 +195,32 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
             yield name.format(i=i), np.ascontiguousarray(tensor.T if transposed else tensor)
 
 
-def export_hf(model: Transformer, directory: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Writes `config.json` and safetensors (sharded past `max_shard_bytes`) for `model`."""
+def export_hf(
+    model: Transformer,
+    directory: str | os.PathLike,
+    max_shard_bytes: int = 5 * 2**30,
+    *,
+    adapters: str = "merge",
+    base_model: str = "",
+) -> list[str]:
+    """Writes `config.json` and safetensors (sharded past `max_shard_bytes`) for `model`.
+
+    A model with LoRA adapters is written with them folded into its kernels (`adapters="merge"`:
+    a plain checkpoint of the base architecture), or as the adapters alone in PEFT's layout
+    (`adapters="peft"`: `adapter_model.safetensors` + `adapter_config.json`, naming `base_model`
+    as where the base checkpoint lives; load with `peft.PeftModel.from_pretrained(base, dir)`)."""
+    if adapters not in ("merge", "peft"):
+        raise ValueError(f"adapters={adapters!r}: expected 'merge' or 'peft'")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    if cfg.lora_rank:
+        params = nnx.to_pure_dict(nnx.state(model))
+        if adapters == "peft":
+            save_file(dict(peft_tensors(params, cfg)), directory / "adapter_model.safetensors")
+            (directory / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_model), indent=2))
+            return ["adapter_config.json", "adapter_model.safetensors"]
+        model = merge_params(*abstract_model(base_config(cfg)), merged(params, cfg))
     files = save_checkpoint(hf_tensors(model), directory, max_shard_bytes)
     (directory / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
     return ["config.json", *files]

@@ -30,6 +30,7 @@ from gtpo_jax.data.tokenizer import Tokenizer, load_tokenizer
 from gtpo_jax.errors import ConfigError
 from gtpo_jax.models import presets
 from gtpo_jax.models.families import family
+from gtpo_jax.models.lora import add_adapters
 from gtpo_jax.models.sharding import ModelDef, batch_width, create_sharded
 from gtpo_jax.models.transformer import ModelConfig
 from gtpo_jax.models.weights import load_hf, read_config
@@ -75,7 +76,10 @@ class Run:
 
 def _model_and_tokenizer(cfg: Config) -> tuple[ModelConfig, Tokenizer]:
     m, t = cfg.model, cfg.tokenizer
-    dtypes = dict(param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+    lora = dict(
+        lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, lora_dropout=m.lora_dropout
+    )
+    dtypes = dict(param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat, **lora)
     if m.checkpoint:
         model_cfg = read_config(m.checkpoint, **dtypes)
         # The checkpoint's family decides the end-of-turn tokens, wherever the tokenizer lives.
@@ -124,13 +128,13 @@ def _replicated_rows(cfg: Config, mesh: Mesh) -> list[str]:
 
 
 def initial_params(run: Run) -> Any:
-    """The policy's starting parameters, on the mesh: the checkpoint's weights, or a random init."""
+    """The policy's starting parameters, on the mesh: the checkpoint's weights, or a random init
+    (with LoRA, plus fresh adapters: B = 0, so the policy starts as the base)."""
     m = run.cfg.model
-    if m.checkpoint:
-        policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
-    else:
-        policy = create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)
-    return nnx.to_pure_dict(nnx.state(policy))
+    if not m.checkpoint:
+        return nnx.to_pure_dict(nnx.state(create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)))
+    policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+    return add_adapters(nnx.to_pure_dict(nnx.state(policy)), run.model_cfg, run.mesh, seed=m.init_seed)
 
 
 def load_data(cfg: Config, encode: PromptEncoder | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

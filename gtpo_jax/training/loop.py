@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from gtpo_jax.config import Config, check_resume, to_dict
 from gtpo_jax.losses import finalize_diagnostics
+from gtpo_jax.models.lora import adapters_off, has_adapters
 from gtpo_jax.training.build import Run, build, initial_params, load_data, prompt_pipeline, reward_pool
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from gtpo_jax.training.collect import GroupBatch, RewardHealthError, Verdicts, check_reward_health, collect
@@ -81,6 +82,7 @@ def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdi
     r = batch.rollout
     groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
     old_logp, entropy = run.fns.score(params, groups)
+    ref_params = kl_reference(run.cfg, params, ref_params)
     ref_logp = run.fns.score(ref_params, groups)[0] if ref_params is not None else None
     verdicts = run.place.put(verdicts.as_tuple())
     loss_batch, diag = run.fns.prepare(verdicts, groups, r.lengths, r.finish_reason, old_logp, entropy, ref_logp)
@@ -90,6 +92,19 @@ def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdi
         loss_batch,
         {"logp_drift_mean": float(drift_mean), "logp_drift_max": float(drift_max), **finalize_diagnostics(diag)},
     )
+
+
+def saved_reference(cfg: Config, params: Any) -> bool:
+    """Whether the run keeps a saved KL reference: with a KL term, unless the policy has LoRA
+    adapters (its reference is then `kl_reference`'s base with the adapters off)."""
+    return cfg.loss.kl_coef > 0 and not has_adapters(params)
+
+
+def kl_reference(cfg: Config, params: Any, saved: Any) -> Any:
+    """The KL reference's parameters: the saved one (None without a KL term) or, for a policy with
+    LoRA adapters, its frozen base with the adapters off, made from the current tree
+    (adapter-sized zeros beside the base's own arrays): no copy of the weights is kept or saved."""
+    return adapters_off(params) if cfg.loss.kl_coef > 0 and has_adapters(params) else saved
 
 
 def rounds_left(cfg: Config, sampled: int) -> int | None:
@@ -203,15 +218,15 @@ class Trainer:
         resumed = self.restore() if cfg.train.resume == "auto" else None
         if resumed is not None:
             self.metrics.message(f"resumed from step {resumed} ({self.checkpointer.directory})")
-            if cfg.loss.kl_coef > 0:
+            if saved_reference(cfg, self.state.params):
                 self.ref_params = self.checkpointer.reference(self.state.params, save=False)
             return
         if cfg.warmup.steps > 0:
             self.warmup()
         self.meta["start_eval"] = self.evaluate()
         self.metrics.message(f"start: held-out {_fmt(self.meta['start_eval'])}")
-        if cfg.loss.kl_coef > 0:  # the reference is the policy RL starts from (after any warm-up),
-            # saved before step 0's checkpoint: a run with that checkpoint always has its reference
+        if saved_reference(cfg, self.state.params):  # the reference is the policy RL starts from (after
+            # any warm-up), saved before step 0's checkpoint: a run with that checkpoint always has it
             self.ref_params = self.checkpointer.reference(self.state.params, save=True)
         self.save()
 

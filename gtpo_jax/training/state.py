@@ -17,10 +17,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gtpo_jax.config import OptimSection
+from gtpo_jax.models.lora import split_trainable
 
 
 class TrainState(NamedTuple):
-    params: Any  # pure-dict tree of the policy's parameters
+    params: Any  # pure-dict tree of the policy's parameters (with LoRA: frozen base + trained adapters)
     opt_state: Any
     step: jax.Array  # RL steps completed (int32 scalar)
     rng: jax.Array  # raw key data (uint32)
@@ -67,7 +68,7 @@ def init_state(
     replicated), so restored checkpoints and jitted calls never mix single-device and mesh arrays."""
     state = TrainState(
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(split_trainable(params)[0]),  # with LoRA: the adapters' state only
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),

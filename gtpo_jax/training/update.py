@@ -13,7 +13,9 @@ gradient is exactly zero, takes no optimiser step either: AdamW would still move
 by its stale momentum and weight decay. It is reported as `empty_update` and counted.
 
 Every function takes the policy as its pure-dict parameter tree and merges it with the run's
-`ModelDef` inside jit (the sampler does the same): one form of the policy.
+`ModelDef` inside jit (the sampler does the same): one form of the policy. When the tree holds
+LoRA adapters (models/lora.py), the update differentiates and AdamW-updates only them (the
+optimizer state is theirs alone); the frozen base goes through the jitted step unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jax.sharding import Mesh
 
 from gtpo_jax.config import Config
 from gtpo_jax.losses import LossBatch, compute_loss, finalize_diagnostics, merge_diagnostics, prepare_batch
+from gtpo_jax.models.lora import join, split_trainable
 from gtpo_jax.models.sharding import ModelDef, batch_width, rows_sharding
 from gtpo_jax.rollout.sampler import FINISH_LENGTH
 from gtpo_jax.scoring import score
@@ -76,7 +79,7 @@ def _scorer(model: ModelDef, cfg: Config) -> Callable:
     """`(params, groups) -> (logp, entropy)` of one chunk, unjitted."""
     r, m = cfg.rollout, cfg.model
 
-    def run(params: Any, groups: Groups) -> tuple[jax.Array, jax.Array]:
+    def run(params: Any, groups: Groups, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         return score(
             model.merge(params),
             groups.prompts,
@@ -86,6 +89,7 @@ def _scorer(model: ModelDef, cfg: Config) -> Callable:
             temperature=r.temperature,
             token_chunk=m.token_chunk,
             vocab_chunk=m.vocab_chunk,
+            dropout_key=dropout_key,
         )
 
     return run
@@ -114,29 +118,33 @@ def _prepare_fn(cfg: Config) -> Callable:
 
 
 def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransformation) -> Callable:
-    def loss_sum(params, groups: Groups, batch: LossBatch):
-        logp, _ = scorer(params, groups)
+    def loss_sum(trainable, frozen, groups: Groups, batch: LossBatch, key):
+        logp, _ = scorer(join(trainable, frozen), groups, key)
         out = compute_loss(cfg.loss, logp, batch)
         return out.loss_sum, (out.denominator, out.diagnostics)
 
-    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # w.r.t. the trainable part only
 
-    def gradients(params, groups, batch):
+    def gradients(trainable, frozen, groups, batch, key):
         """Sum of the micro-batches' gradients, loss sums and denominators, and their diagnostics."""
 
         def accumulate(carry, micro):
             grads, total, den, diag = carry
-            (value, (d, diagnostics)), g = grad_fn(params, *micro)
+            (value, (d, diagnostics)), g = grad_fn(trainable, frozen, *micro)
             return (jax.tree.map(jnp.add, grads, g), total + value, den + d, merge_diagnostics(diag, diagnostics)), None
 
-        micros = _split((groups, batch), cfg.train.micro_batches)
-        (v0, (d0, diag0)), g0 = grad_fn(params, *jax.tree.map(lambda x: x[0], micros))
+        n = cfg.train.micro_batches
+        keys = None if key is None else jax.random.split(key, n)
+        micros = (*_split((groups, batch), n), keys)
+        (v0, (d0, diag0)), g0 = grad_fn(trainable, frozen, *jax.tree.map(lambda x: x[0], micros))
         rest = jax.tree.map(lambda x: x[1:], micros)
         return jax.lax.scan(accumulate, (g0, v0, d0, diag0), rest)[0]
 
     @jax.jit
-    def update(state: TrainState, groups: Groups, batch: LossBatch):
-        grads, total, den, diag = gradients(state.params, groups, batch)
+    def update(state: TrainState, groups: Groups, batch: LossBatch, dropout_key: jax.Array | None = None):
+        # With LoRA adapters only they are differentiated and updated; the frozen base passes through.
+        trainable, frozen = split_trainable(state.params)
+        grads, total, den, diag = gradients(trainable, frozen, groups, batch, dropout_key)
         scale = 1.0 / jnp.maximum(den, 1e-12)
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         grad_norm = optax.tree.norm(grads)
@@ -145,11 +153,11 @@ def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransform
         # without dynamic sampling): no signal, so no step (AdamW would still move the weights).
         has_tokens = (den > 0) & (grad_norm > 0)
         apply = finite & has_tokens
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params = optax.apply_updates(trainable, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
         new_state = state._replace(
-            params=keep(params, state.params),
+            params=join(keep(params, trainable), frozen),
             opt_state=keep(opt_state, state.opt_state),
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
@@ -203,10 +211,11 @@ def train_on(fns: StepFns, state: TrainState, groups: Groups, loss_batch: LossBa
     """`ppo_epochs` x `mini_batches` optimiser steps on one rollout batch (groups kept whole):
     `(state, metrics)`. A mini-batch without loss tokens takes no step; `empty_updates` counts them."""
     t0, diag, metrics = time.time(), None, []
-    for _ in range(cfg.train.ppo_epochs):
+    dropout = cfg.model.lora_rank > 0 and cfg.model.lora_dropout > 0
+    for epoch in range(cfg.train.ppo_epochs):
         for i in range(cfg.train.mini_batches):
             mini = fns.take((groups, loss_batch), jnp.int32(i * fns.mini_batch_rows))
-            state, m, d = fns.update(state, *mini)
+            state, m, d = fns.update(state, *mini, state.key(1, epoch, i) if dropout else None)
             metrics.append(jax.device_get(m))
             diag = d if diag is None else merge_diagnostics(diag, d)
     jax.block_until_ready(state.params)

@@ -21,6 +21,7 @@ import optax
 from gtpo_jax.config import WarmupSection
 from gtpo_jax.data.prompts import pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
+from gtpo_jax.models.lora import has_adapters, join, split_trainable
 from gtpo_jax.scoring import score
 from gtpo_jax.training.build import Run
 
@@ -92,19 +93,26 @@ def warm_up(
     steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Any:
-    """`supervised_warmup` as the run's config asks (`steps` overrides `warmup.steps`)."""
+    """`supervised_warmup` as the run's config asks (`steps` overrides `warmup.steps`).
+
+    With LoRA adapters it trains the base and leaves the adapters as they are (B = 0): the
+    warmed-up base is what RL starts from and what the KL reference (adapters off) is."""
     cfg = run.cfg
     w = cfg.warmup if steps is None else dataclasses.replace(cfg.warmup, steps=steps)
     log(f"warm-up: {w.steps} supervised steps on reference solutions / answers")
-    return supervised_warmup(
-        run.model.merge,
-        params,
-        records,
-        run.encode,
-        run.tok,
-        w,
-        seed=cfg.train.seed,
-        width=cfg.rollout.max_new_tokens,
-        buckets=cfg.rollout.prompt_buckets,
-        log=log,
+    adapters, base = split_trainable(params) if has_adapters(params) else ({}, params)
+    return join(
+        adapters,
+        supervised_warmup(
+            lambda p: run.model.merge(join(adapters, p)),
+            base,
+            records,
+            run.encode,
+            run.tok,
+            w,
+            seed=cfg.train.seed,
+            width=cfg.rollout.max_new_tokens,
+            buckets=cfg.rollout.prompt_buckets,
+            log=log,
+        ),
     )
