@@ -176,11 +176,12 @@ def ignored_fields(cfg: Config) -> list[str]:
     return out
 
 
-# Fields a resumed run may change (how long, how often, where and how it runs); any other
-# difference from the checkpoint's config would silently continue a different experiment.
+# Fields a resumed run may change (how long, how often, where and how it runs, and the warm-up,
+# which runs only before step 0 and never on a resume); any other difference from the
+# checkpoint's config would silently continue a different experiment.
 RESUMABLE = ("train.steps", "train.stop_after", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.resume", "train.run_dir", "train.max_sampled_responses", "reward.num_workers", "reward.timeout_s",
-             "eval", "mesh", "compare")  # fmt: skip
+             "eval", "mesh", "compare", "warmup")  # fmt: skip
 
 
 def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], where: str) -> None:
