@@ -72,9 +72,21 @@ class Run:
             )
 
 
+def model_overrides(m: Any) -> dict[str, Any]:
+    """The `ModelConfig` fields the model section sets, whatever the preset or checkpoint says."""
+    return dict(
+        param_dtype=str(m.param_dtype),
+        dtype=str(m.dtype),
+        remat=m.remat,
+        attention=str(m.attention),
+        attention_block=m.attention_block,
+        attention_auto_len=m.attention_auto_len,
+    )
+
+
 def _model_and_tokenizer(cfg: Config) -> tuple[ModelConfig, Tokenizer]:
     m, t = cfg.model, cfg.tokenizer
-    dtypes = dict(param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+    dtypes = model_overrides(m)
     if m.checkpoint:
         model_cfg = read_config(m.checkpoint, **dtypes)
         # The checkpoint's family decides the end-of-turn tokens, wherever the tokenizer lives.
@@ -110,7 +122,7 @@ def initial_params(run: Run) -> Any:
     """The policy's starting parameters, on the mesh: the checkpoint's weights, or a random init."""
     m = run.cfg.model
     if m.checkpoint:
-        policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+        policy = load_hf(m.checkpoint, mesh=run.mesh, **model_overrides(m))
     else:
         policy = create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)
     return nnx.to_pure_dict(nnx.state(policy))
