@@ -119,6 +119,9 @@ def _scores(qb, qs, kb, ks, kvalid, kreal, window, scale) -> tuple[Array, Array]
     """One block's scores `[B, K, G, bq, bk]` (float32, disallowed keys at MASKED, padding keys at
     -inf) and which entries are allowed."""
     s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    # Tie the slots to the scores: without this, a scan around the attention (the layer scan) sees
+    # the mask as loop-invariant and hoists it for every block pair, a [T, S] array.
+    s, qs, ks, kvalid, kreal = jax.lax.optimization_barrier((s, qs, ks, kvalid, kreal))
     keep = allowed(qs, ks, kvalid, window)
     s = jnp.where(keep, s, MASKED)
     return jnp.where(kreal, s, -jnp.inf), keep
