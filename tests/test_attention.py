@@ -43,10 +43,10 @@ def test_blockwise_equals_dense_values_and_gradients(T, S, start, bq, bk, window
     mask = Mask(start + jnp.arange(T), valid, jnp.int32(window))
     dense = lambda q, k, v: dense_attention(q, k, v, mask, 0.3)  # noqa: E731
     block = lambda q, k, v: blockwise_attention(q, k, v, mask, 0.3, bq, bk)  # noqa: E731
-    np.testing.assert_allclose(block(q, k, v), dense(q, k, v), atol=1e-5, rtol=1e-5)
     loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * dout)  # noqa: E731
-    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss(block), argnums=(0, 1, 2))(q, k, v)
+    run = lambda f: jax.jit(lambda *qkv: (f(*qkv), jax.grad(loss(f), argnums=(0, 1, 2))(*qkv)))(q, k, v)  # noqa: E731
+    (value, got), (want_value, want) = run(block), run(dense)
+    np.testing.assert_allclose(value, want_value, atol=1e-5, rtol=1e-5)
     for name, g, w in zip("qkv", got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
@@ -93,8 +93,9 @@ def test_model_logits_and_parameter_gradients_match_dense(preset):
         logits = model.logits(hidden)
         return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)[..., 1]), logits
 
-    (_, want), g_want = nnx.value_and_grad(loss, has_aux=True)(dense)
-    (_, got), g_got = nnx.value_and_grad(loss, has_aux=True)(block)
+    grad = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    (_, want), g_want = grad(dense)
+    (_, got), g_got = grad(block)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     flat_want, flat_got = jax.tree.leaves(nnx.state(g_want)), jax.tree.leaves(nnx.state(g_got))
     for g, w in zip(flat_got, flat_want, strict=True):
