@@ -77,15 +77,15 @@ def _padded_batch(T=10):
     return jnp.asarray(tokens), positions_from_valid(jnp.asarray(valid)), jnp.asarray(valid)
 
 
-def _models(preset):
+def _models(preset, **block_fields):
     dense = Transformer(get_preset(preset, attention="dense"), rngs=nnx.Rngs(0))
-    block = Transformer(get_preset(preset, attention="blockwise", attention_block=4), rngs=nnx.Rngs(0))
-    return dense, block
+    cfg = get_preset(preset, attention="blockwise", attention_block=4, **block_fields)
+    return dense, Transformer(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_qwen2", "tiny_gemma3"])
 def test_model_logits_and_parameter_gradients_match_dense(preset):
-    dense, block = _models(preset)
+    dense, block = _models(preset, remat=True)  # the custom VJP under the layer's rematerialisation
     tokens, positions, valid = _padded_batch()
 
     def loss(model):
@@ -113,6 +113,22 @@ def test_prefill_and_decode_through_the_cache_match_dense(preset):
         h, cache = block(tokens[:, lo:hi], positions[:, lo:hi], valid[:, lo:hi], cache)
         pieces.append(h)
     got = jnp.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_blockwise_forward_equals_dense():
+    from gtpo_jax.models.sharding import create_sharded, make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    dense, _ = _models("tiny_qwen2")
+    cfg = get_preset("tiny_qwen2", attention="blockwise", attention_block=4)
+    sharded = create_sharded(cfg, mesh, seed=0)  # the weights of Transformer(cfg, rngs=nnx.Rngs(0)), on the mesh
+    assert len(sharded.layers.attn.q.kernel[...].sharding.device_set) == 8
+    tokens, positions, valid = (jnp.concatenate([x] * 2) for x in _padded_batch())  # batch 4
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    forward = nnx.jit(lambda m, t, p, v: m(t, p, v)[0])
+    got = forward(sharded, *(jax.device_put(x, batch) for x in (tokens, positions, valid)))
+    want, _ = dense(tokens, positions, valid)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
 
 
