@@ -28,6 +28,12 @@ class DType(enum.StrEnum):  # of model.param_dtype and model.dtype
     BFLOAT16 = "bfloat16"
 
 
+class AttentionKind(enum.StrEnum):  # of model.attention (models/attention.py KINDS)
+    DENSE = "dense"
+    BLOCKWISE = "blockwise"
+    AUTO = "auto"
+
+
 class TokenizerKind(enum.StrEnum):
     CHAR = "char"  # built-in alphabet (synthetic tasks)
     HF = "hf"  # tokenizer.json of a checkpoint
@@ -176,6 +182,12 @@ class ModelSection(Section):
     dtype: DType = DType.FLOAT32
     # Rematerialise each layer in the backward pass (less activation memory, ~30% more compute).
     remat: bool = False
+    # Attention: "dense" (float32 [T, S] scores), "blockwise" (online softmax over
+    # attention_block x attention_block tiles, memory O(T) per head) or "auto" (blockwise when
+    # T * S > attention_auto_len**2: training, scoring and long prefills; decoding stays dense).
+    attention: AttentionKind = AttentionKind.AUTO
+    attention_block: int = 512
+    attention_auto_len: int = 2048
     # Seed of the random initialisation (preset models only).
     init_seed: int = 0
     # Vocabulary chunk and token chunk of the log-prob / entropy op (ops/logprobs.py).
@@ -199,7 +211,7 @@ class ModelSection(Section):
             "or train LoRA adapters (model.lora_rank > 0: they are float32, the base is frozen)"
         )
         self._check(self.param_dtype == DType.FLOAT32 or self.lora_rank > 0, "param_dtype", why)
-        self._at_least(1, "vocab_chunk", "token_chunk")
+        self._at_least(1, "vocab_chunk", "token_chunk", "attention_block", "attention_auto_len")
         self._check(bool(self.preset or self.checkpoint), "preset", "name a preset, or set model.checkpoint")
         self._at_least(0, "lora_rank")
         self._positive("lora_alpha")

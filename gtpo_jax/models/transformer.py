@@ -21,6 +21,9 @@ KV cache holds `S` slots per layer; a call with `T` tokens writes slots `[end, e
 same for every row, so prompts left-padded to one length decode in lockstep. A sliding window
 of `W` lets a query in slot `s` see keys in slots `(s - W, s]` (real tokens of a left-padded
 row sit in consecutive slots, so this is the window in positions too).
+
+Attention is `models/attention.py`: dense `[T, S]` float32 scores for short sequences, a
+blockwise online softmax (`cfg.attention`, `cfg.attention_block`) for long ones.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
+
+from gtpo_jax.models.attention import KINDS, Mask, attend
 
 FULL, SLIDING = "full_attention", "sliding_attention"  # layer kinds, named as in HF `layer_types`
 # The model families this decoder implements; models/families.py describes each (and checks it covers them).
@@ -81,6 +86,11 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters: "float32" or "bfloat16"
     dtype: str = "float32"  # activation dtype; norms, softmax and rotary run in float32 regardless
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # "dense" ([T, S] float32 scores), "blockwise" (online softmax in attention_block tiles) or "auto":
+    # blockwise when T * S > attention_auto_len**2 (models/attention.py).
+    attention: str = "auto"
+    attention_block: int = 512
+    attention_auto_len: int = 2048
     architecture: str = "llama"  # one of ARCHITECTURES; models/families.py holds each one's names, config.json, GGUF
     # LoRA (models/lora.py): rank 0 = none; else each projection named in `lora_targets` adds
     # `(alpha / rank) * dropout(x) @ A @ B`, A `[in, rank]` and B `[rank, out]` float32 (B starts at 0).
@@ -120,6 +130,10 @@ class ModelConfig:
             )
         if self.rope_linear_factor <= 0:
             raise ValueError(f"model.rope_linear_factor={self.rope_linear_factor}: must be > 0")
+        if self.attention not in KINDS:
+            raise ValueError(f"model.attention={self.attention!r}: expected one of {', '.join(KINDS)}")
+        if self.attention_block < 1 or self.attention_auto_len < 1:
+            raise ValueError("model.attention_block and model.attention_auto_len must be >= 1")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"model.architecture={self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -264,7 +278,7 @@ class Attention(nnx.Module):
         x: Array,
         positions: Array,
         inv_freq: Array,
-        allowed: Bool[Array, "B 1 1 T S"],
+        mask: Mask,
         layer_cache: tuple[Array, Array] | None,
         write_at: Array,
         key: Array | None = None,
@@ -283,14 +297,10 @@ class Attention(nnx.Module):
             new_cache = (k, v)
         else:
             new_cache = None
-        q = q.reshape(B, T, K, G, D)
         scale = cfg.query_pre_attn_scalar**-0.5
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        # A finite floor, not -inf: padded query rows (no allowed key) stay finite.
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, K * G * D)
-        return self.o(out, _fold(key, 3)), new_cache
+        kind, block, auto_len = cfg.attention, cfg.attention_block, cfg.attention_auto_len
+        out = attend(q.reshape(B, T, K, G, D), k, v, mask, scale, kind=kind, block=block, auto_len=auto_len)
+        return self.o(out.reshape(B, T, K * G * D), _fold(key, 3)), new_cache
 
 
 class MLP(nnx.Module):
@@ -316,8 +326,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.post_mlp_norm = RMSNorm(d, cfg, rngs=rngs) if cfg.post_norms else None
 
-    def __call__(self, x, positions, inv_freq, allowed, layer_cache, write_at, key=None):
-        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, layer_cache, write_at, key)
+    def __call__(self, x, positions, inv_freq, mask, layer_cache, write_at, key=None):
+        h, new_cache = self.attn(self.attn_norm(x), positions, inv_freq, mask, layer_cache, write_at, key)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.mlp(self.mlp_norm(x), key)
         return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h)), new_cache
@@ -378,11 +388,8 @@ class Transformer(nnx.Module):
             keys_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.end, axis=1)
             write_at = cache.end
         query_slots = write_at + jnp.arange(T)
-        key_slots = jnp.arange(keys_valid.shape[1])
-        causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
-        full = causal[None, None, None] & keys_valid[:, None, None, None, :]  # [B, 1, 1, T, S]
-        local = full & (key_slots[None, :] > query_slots[:, None] - cfg.sliding_window)
-        # Per layer: which mask and which rotary frequencies (index 0 full, 1 sliding).
+        no_window = keys_valid.shape[1] + 1  # wider than the cache: full attention
+        # Per layer: which window and which rotary frequencies (index 0 full, 1 sliding).
         sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
         inv_freqs = jnp.stack(
             [rope_frequencies(cfg), rope_frequencies(cfg, cfg.rope_local_theta or None, scaled=False)]
@@ -392,9 +399,9 @@ class Transformer(nnx.Module):
         def layer(x, xs):
             layer_params, is_sliding, layer_cache, key = xs
             block = nnx.merge(graphdef, layer_params)
-            allowed = jnp.where(is_sliding, local, full)
+            mask = Mask(query_slots, keys_valid, jnp.where(is_sliding, cfg.sliding_window, no_window))
             inv_freq = inv_freqs[is_sliding.astype(jnp.int32)]
-            return block(x, positions, inv_freq, allowed, layer_cache, write_at, key)
+            return block(x, positions, inv_freq, mask, layer_cache, write_at, key)
 
         step = jax.checkpoint(layer) if cfg.remat else layer
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)

@@ -74,12 +74,24 @@ class Run:
             )
 
 
+def model_overrides(m: Any) -> dict[str, Any]:
+    """The `ModelConfig` fields the model section sets, whatever the preset or checkpoint says."""
+    return dict(
+        param_dtype=str(m.param_dtype),
+        dtype=str(m.dtype),
+        remat=m.remat,
+        attention=str(m.attention),
+        attention_block=m.attention_block,
+        attention_auto_len=m.attention_auto_len,
+    )
+
+
 def _model_and_tokenizer(cfg: Config) -> tuple[ModelConfig, Tokenizer]:
     m, t = cfg.model, cfg.tokenizer
     lora = dict(
         lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets, lora_dropout=m.lora_dropout
     )
-    dtypes = dict(param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat, **lora)
+    dtypes = model_overrides(m) | lora
     if m.checkpoint:
         model_cfg = read_config(m.checkpoint, **dtypes)
         # The checkpoint's family decides the end-of-turn tokens, wherever the tokenizer lives.
@@ -133,7 +145,7 @@ def initial_params(run: Run) -> Any:
     m = run.cfg.model
     if not m.checkpoint:
         return nnx.to_pure_dict(nnx.state(create_sharded(run.model_cfg, run.mesh, seed=m.init_seed)))
-    policy = load_hf(m.checkpoint, mesh=run.mesh, param_dtype=str(m.param_dtype), dtype=str(m.dtype), remat=m.remat)
+    policy = load_hf(m.checkpoint, mesh=run.mesh, **model_overrides(m))
     return add_adapters(nnx.to_pure_dict(nnx.state(policy)), run.model_cfg, run.mesh, seed=m.init_seed)
 
 

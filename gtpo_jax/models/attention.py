@@ -1,0 +1,251 @@
+"""Scaled dot-product attention: a dense path and a blockwise (online-softmax, flash-style) one.
+
+Both take grouped queries `q [B, T, K, G, D]` (`G` query heads per key-value head), keys and
+values `[B, S, K, D]`, and the mask inputs `Mask(query_slots, keys_valid, window)`: query `t`
+sits in slot `query_slots[t]` and may see key slot `s` when `s <= query_slots[t]` (causal),
+`keys_valid[b, s]` (left padding, empty cache slots) and `query_slots[t] - s < window` (a
+sliding window; pass a window larger than `S` for full attention). A query row with no
+allowed key gets the uniform average of all `S` values, in both paths (a finite floor, not
+-inf, keeps padded rows finite; their outputs are never read).
+
+`dense_attention` materialises `[B, K, G, T, S]` float32 scores. `blockwise_attention` walks
+query blocks of `block_q` and key blocks of `block_k`, keeping a running max and normaliser per
+query (float32), so no more than `[B, K, G, block_q, block_k]` scores exist at once; its
+backward (a `custom_vjp`) saves only the output and the per-row max and normaliser, and
+recomputes each block's probabilities, in two passes (`dq` over key blocks, `dk`/`dv` over
+query blocks). Sequence lengths need not be multiples of the blocks: the tail is padded with
+keys that take no part in the softmax. Memory is `O(T * H * D)`, not `O(T * S)`.
+
+`choose(kind, T, S, auto_len)` picks the path: "dense", "blockwise", or "auto" = blockwise when
+`T * S > auto_len**2` (training, scoring and long prefills; one-token decoding stays dense,
+its scores are `[1, S]` per head).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+KINDS = ("dense", "blockwise", "auto")
+MASKED = float(jnp.finfo(jnp.float32).min)  # score of a disallowed key (as the dense path always had)
+
+
+class Mask(NamedTuple):
+    query_slots: Int[Array, "T"]
+    keys_valid: Bool[Array, "B S"]
+    window: Int[Array, ""]  # keys a query sees, itself included; > S for full attention
+
+
+def choose(kind: str, queries: int, keys: int, auto_len: int) -> str:
+    """ "dense" or "blockwise" for `queries` x `keys` scores under the configured `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"model.attention={kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "blockwise" if queries * keys > auto_len * auto_len else "dense"
+    return kind
+
+
+def allowed(query_slots: Array, key_slots: Array, keys_valid: Array, window: Array) -> Bool[Array, "B 1 1 T S"]:
+    """Which keys each query may see (broadcast over the K and G head axes)."""
+    q, k = query_slots[:, None], key_slots[None, :]
+    ok = (k <= q) & (q - k < window)  # [T, S]
+    return ok[None, None, None] & keys_valid[:, None, None, None, :]
+
+
+def dense_attention(
+    q: Float[Array, "B T K G D"], k: Float[Array, "B S K D"], v: Float[Array, "B S K D"], mask: Mask, scale: float
+) -> Float[Array, "B T K G D"]:
+    """Attention with the full `[B, K, G, T, S]` float32 score tensor (short sequences)."""
+    keep = allowed(mask.query_slots, jnp.arange(k.shape[1]), mask.keys_valid, mask.window)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(keep, scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def attend(
+    q: Array, k: Array, v: Array, mask: Mask, scale: float, *, kind: str, block: int, auto_len: int
+) -> Float[Array, "B T K G D"]:
+    """Dense or blockwise attention as `choose` decides for these shapes."""
+    if choose(kind, q.shape[1], k.shape[1], auto_len) == "dense":
+        return dense_attention(q, k, v, mask, scale)
+    return blockwise_attention(q, k, v, mask, scale, block, block)
+
+
+# ---- blockwise ---------------------------------------------------------------------------------
+
+
+class _Blocks(NamedTuple):
+    """Inputs cut into blocks along a leading axis: queries `[nq, ...]`, keys `[nk, ...]`."""
+
+    q: Array  # [nq, B, bq, K, G, D]
+    query_slots: Array  # [nq, bq]
+    k: Array  # [nk, B, bk, K, D]
+    v: Array  # [nk, B, bk, K, D]
+    key_slots: Array  # [nk, bk]
+    keys_valid: Array  # [nk, B, bk]
+    key_real: Array  # [nk, bk]: False on the padding that rounds S up to whole blocks
+
+
+def _pad_split(x: Array, axis: int, block: int) -> Array:
+    """`x` padded with zeros along `axis` to whole blocks, the block index moved to the front."""
+    n = -(-x.shape[axis] // block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * block - x.shape[axis])
+    x = jnp.pad(x, pad)
+    x = x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _blocks(q: Array, k: Array, v: Array, mask: Mask, bq: int, bk: int) -> _Blocks:
+    S = k.shape[1]
+    slots = jnp.arange(S)
+    return _Blocks(
+        _pad_split(q, 1, bq),
+        _pad_split(mask.query_slots, 0, bq),
+        _pad_split(k, 1, bk),
+        _pad_split(v, 1, bk),
+        _pad_split(slots, 0, bk),
+        _pad_split(mask.keys_valid, 1, bk),
+        _pad_split(jnp.ones(S, bool), 0, bk),
+    )
+
+
+def _scores(qb, qs, kb, ks, kvalid, kreal, window, scale) -> tuple[Array, Array]:
+    """One block's scores `[B, K, G, bq, bk]` (float32, disallowed keys at MASKED, padding keys at
+    -inf) and which entries are allowed."""
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    # Tie the slots to the scores: without this, a scan around the attention (the layer scan) sees
+    # the mask as loop-invariant and hoists it for every block pair, a [T, S] array.
+    s, qs, ks, kvalid, kreal = jax.lax.optimization_barrier((s, qs, ks, kvalid, kreal))
+    keep = allowed(qs, ks, kvalid, window)
+    s = jnp.where(keep, s, MASKED)
+    return jnp.where(kreal, s, -jnp.inf), keep
+
+
+def _forward(b: _Blocks, window: Array, scale: float) -> tuple[Array, Array, Array]:
+    """Per query block: output `[nq, B, K, G, bq, D]` (float32), row max and normaliser `[nq, B, K, G, bq]`."""
+    _, B, bq, K, G, _ = b.q.shape
+
+    def query_block(args):
+        qb, qs = args
+
+        def key_block(carry, kv):
+            m, norm, acc = carry
+            kb, vb, ks, kvalid, kreal = kv
+            s, _ = _scores(qb, qs, kb, ks, kvalid, kreal, window, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return (m_new, norm * corr + p.sum(-1), acc * corr[..., None] + pv), None
+
+        stats = jnp.full((B, K, G, bq), MASKED, jnp.float32)
+        acc = jnp.zeros((B, K, G, bq, b.q.shape[-1]), jnp.float32)
+        keys = (b.k, b.v, b.key_slots, b.keys_valid, b.key_real)
+        (m, norm, acc), _ = jax.lax.scan(key_block, (stats, jnp.zeros_like(stats), acc), keys)
+        return acc / norm[..., None], m, norm
+
+    return jax.lax.map(query_block, (b.q, b.query_slots))
+
+
+def _unblock_queries(x: Array, T: int) -> Array:
+    """`[nq, B, K, G, bq, D]` -> `[B, T, K, G, D]`."""
+    nq, B, K, G, bq, D = x.shape
+    return jnp.transpose(x, (1, 0, 4, 2, 3, 5)).reshape(B, nq * bq, K, G, D)[:, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise(q, k, v, mask, scale, bq, bk):
+    out, _ = _blockwise_fwd(q, k, v, mask, scale, bq, bk)
+    return out
+
+
+def _blockwise_fwd(q, k, v, mask, scale, bq, bk):
+    b = _blocks(q, k, v, mask, bq, bk)
+    out, m, norm = _forward(b, mask.window, scale)
+    out = _unblock_queries(out, q.shape[1]).astype(v.dtype)
+    return out, (q, k, v, mask, out, m, norm)
+
+
+def _blockwise_bwd(scale, bq, bk, res, dout):
+    q, k, v, mask, out, m, norm = res
+    b = _blocks(q, k, v, mask, bq, bk)
+    do = _pad_split(dout.astype(jnp.float32), 1, bq)  # [nq, B, bq, K, G, D]
+    delta = jnp.einsum("nbqkgd,nbqkgd->nbkgq", do, _pad_split(out.astype(jnp.float32), 1, bq))
+    dq = _dq_pass(b, do, m, norm, delta, mask.window, scale)
+    dk, dv = _dkv_pass(b, do, m, norm, delta, mask.window, scale)
+    S = k.shape[1]
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :S]  # noqa: E731
+    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])[:, : q.shape[1]]
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None
+
+
+def _block_grads(qb, qs, dob, mb, lb, deltab, kb, vb, ks, kvalid, kreal, window, scale):
+    """One (query block, key block) pair: probabilities `p` and score gradients `ds`, `[B, K, G, bq, bk]`."""
+    s, keep = _scores(qb, qs, kb, ks, kvalid, kreal, window, scale)
+    p = jnp.exp(s - mb[..., None]) / lb[..., None]
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", dob, vb.astype(jnp.float32))
+    ds = jnp.where(keep, p * (dp - deltab[..., None]), 0.0)
+    return p, ds
+
+
+def _dq_pass(b: _Blocks, do, m, norm, delta, window, scale) -> Array:
+    """`dq` per query block `[nq, B, bq, K, G, D]` (float32), scanning the key blocks."""
+
+    def query_block(args):
+        qb, qs, dob, mb, lb, deltab = args
+
+        def key_block(dq, kv):
+            kb, vb, ks, kvalid, kreal = kv
+            _, ds = _block_grads(qb, qs, dob, mb, lb, deltab, kb, vb, ks, kvalid, kreal, window, scale)
+            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kb.astype(jnp.float32)) * scale, None
+
+        keys = (b.k, b.v, b.key_slots, b.keys_valid, b.key_real)
+        dq, _ = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), keys)
+        return dq
+
+    return jax.lax.map(query_block, (b.q, b.query_slots, do, m, norm, delta))
+
+
+def _dkv_pass(b: _Blocks, do, m, norm, delta, window, scale) -> tuple[Array, Array]:
+    """`dk`, `dv` per key block `[nk, B, bk, K, D]` (float32), scanning the query blocks."""
+
+    def key_block(args):
+        kb, vb, ks, kvalid, kreal = args
+
+        def query_block(carry, qargs):
+            dk, dv = carry
+            qb, qs, dob, mb, lb, deltab = qargs
+            p, ds = _block_grads(qb, qs, dob, mb, lb, deltab, kb, vb, ks, kvalid, kreal, window, scale)
+            dv = dv + jnp.einsum("bkgqs,bqkgd->bskd", p, dob)
+            dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qb.astype(jnp.float32)) * scale
+            return (dk, dv), None
+
+        zeros = jnp.zeros(kb.shape, jnp.float32)
+        (dk, dv), _ = jax.lax.scan(query_block, (zeros, zeros), (b.q, b.query_slots, do, m, norm, delta))
+        return dk, dv
+
+    return jax.lax.map(key_block, (b.k, b.v, b.key_slots, b.keys_valid, b.key_real))
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(
+    q: Float[Array, "B T K G D"],
+    k: Float[Array, "B S K D"],
+    v: Float[Array, "B S K D"],
+    mask: Mask,
+    scale: float,
+    block_q: int = 512,
+    block_k: int = 512,
+) -> Float[Array, "B T K G D"]:
+    """Attention in `block_q` x `block_k` tiles with an online softmax (float32 statistics and
+    accumulator) and a recomputing backward; equal to `dense_attention` up to rounding."""
+    bq, bk = max(1, min(block_q, q.shape[1])), max(1, min(block_k, k.shape[1]))
+    return _blockwise(q, k, v, mask, float(scale), bq, bk)

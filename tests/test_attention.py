@@ -1,0 +1,148 @@
+"""Blockwise (online-softmax) attention equals dense attention: values and gradients, with left
+padding, GQA, causal and sliding-window masks, lengths that are not multiples of the blocks, a
+KV cache; in the whole model too; and it holds far less temporary memory."""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gtpo_jax.models.attention import Mask, blockwise_attention, choose, dense_attention
+from gtpo_jax.models.presets import get_preset
+from gtpo_jax.models.transformer import KVCache, Transformer, positions_from_valid
+
+B, K, G, D = 2, 2, 2, 8  # 4 query heads sharing 2 key-value heads
+
+
+def _inputs(T, S, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (B, T, K, G, D))
+    k, v = jax.random.normal(ks[1], (B, S, K, D)), jax.random.normal(ks[2], (B, S, K, D))
+    return q, k, v, jax.random.normal(ks[3], (B, T, K, G, D))
+
+
+# (T queries, S keys, first query slot, block_q, block_k, window): self-attention and a chunk of
+# queries written into a longer cache (slots past the queries are empty), full and sliding.
+CASES = [
+    (13, 13, 0, 4, 5, 100),
+    (13, 13, 0, 3, 7, 4),
+    (13, 13, 0, 64, 64, 100),  # one block, clamped to the lengths
+    (5, 19, 6, 2, 4, 100),
+    (5, 19, 6, 4, 3, 3),
+    (1, 19, 10, 1, 4, 100),  # one decoding step reads the cache in blocks
+]
+
+
+@pytest.mark.parametrize("T,S,start,bq,bk,window", CASES)
+def test_blockwise_equals_dense_values_and_gradients(T, S, start, bq, bk, window):
+    q, k, v, dout = _inputs(T, S)
+    # Row 0 unpadded, row 1 left-padded by 4 slots; slots after the queries hold no token yet.
+    slots = jnp.arange(S)
+    valid = (slots[None, :] >= jnp.array([[0], [4]])) & (slots[None, :] < start + T)
+    mask = Mask(start + jnp.arange(T), valid, jnp.int32(window))
+    dense = lambda q, k, v: dense_attention(q, k, v, mask, 0.3)  # noqa: E731
+    block = lambda q, k, v: blockwise_attention(q, k, v, mask, 0.3, bq, bk)  # noqa: E731
+    loss = lambda f: lambda *qkv: jnp.sum(f(*qkv) * dout)  # noqa: E731
+    run = lambda f: jax.jit(lambda *qkv: (f(*qkv), jax.grad(loss(f), argnums=(0, 1, 2))(*qkv)))(q, k, v)  # noqa: E731
+    (value, got), (want_value, want) = run(block), run(dense)
+    np.testing.assert_allclose(value, want_value, atol=1e-5, rtol=1e-5)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_blockwise_under_jit_in_bfloat16_stays_close_to_float32():
+    q, k, v, _ = _inputs(11, 11)
+    mask = Mask(jnp.arange(11), jnp.ones((B, 11), bool), jnp.int32(100))
+    want = dense_attention(q, k, v, mask, 0.3)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, mask, 0.3, 4, 4))(*bf)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=5e-2)
+
+
+def test_auto_picks_blockwise_for_long_sequences_only():
+    assert choose("auto", 4096, 4096, 2048) == "blockwise"
+    assert choose("auto", 1, 8192, 2048) == "dense"  # a decoding step: [1, S] scores
+    assert choose("auto", 64, 64, 2048) == "dense"
+    assert choose("dense", 8192, 8192, 1) == "dense" and choose("blockwise", 2, 2, 2048) == "blockwise"
+    with pytest.raises(ValueError, match="model.attention"):
+        get_preset("tiny", attention="flash")
+
+
+def _padded_batch(T=10):
+    valid = np.ones((2, T), bool)
+    valid[1, :3] = False  # row 1 left-padded by 3
+    tokens = np.where(valid, np.random.default_rng(0).integers(1, 20, (2, T)), 0)
+    return jnp.asarray(tokens), positions_from_valid(jnp.asarray(valid)), jnp.asarray(valid)
+
+
+def _models(preset, **block_fields):
+    dense = Transformer(get_preset(preset, attention="dense"), rngs=nnx.Rngs(0))
+    cfg = get_preset(preset, attention="blockwise", attention_block=4, **block_fields)
+    return dense, Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_qwen2", "tiny_gemma3"])
+def test_model_logits_and_parameter_gradients_match_dense(preset):
+    dense, block = _models(preset, remat=True)  # the custom VJP under the layer's rematerialisation
+    tokens, positions, valid = _padded_batch()
+
+    def loss(model):
+        hidden, _ = model(tokens, positions, valid)
+        logits = model.logits(hidden)
+        return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)[..., 1]), logits
+
+    grad = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    (_, want), g_want = grad(dense)
+    (_, got), g_got = grad(block)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    flat_want, flat_got = jax.tree.leaves(nnx.state(g_want)), jax.tree.leaves(nnx.state(g_got))
+    for g, w in zip(flat_got, flat_want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen2", "tiny_gemma3"])
+def test_prefill_and_decode_through_the_cache_match_dense(preset):
+    dense, block = _models(preset)
+    tokens, positions, valid = _padded_batch()
+    want, _ = dense(tokens, positions, valid)
+    cache = KVCache.empty(block.cfg, tokens.shape[0], 16)
+    pieces = []
+    for lo, hi in ((0, 7), (7, 8), (8, 10)):  # a prefill of 7 (not a multiple of 4), one token, two
+        h, cache = block(tokens[:, lo:hi], positions[:, lo:hi], valid[:, lo:hi], cache)
+        pieces.append(h)
+    got = jnp.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_blockwise_forward_equals_dense():
+    from gtpo_jax.models.sharding import create_sharded, make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    dense, _ = _models("tiny_qwen2")
+    cfg = get_preset("tiny_qwen2", attention="blockwise", attention_block=4)
+    sharded = create_sharded(cfg, mesh, seed=0)  # the weights of Transformer(cfg, rngs=nnx.Rngs(0)), on the mesh
+    assert len(sharded.layers.attn.q.kernel[...].sharding.device_set) == 8
+    tokens, positions, valid = (jnp.concatenate([x] * 2) for x in _padded_batch())  # batch 4
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    forward = nnx.jit(lambda m, t, p, v: m(t, p, v)[0])
+    got = forward(sharded, *(jax.device_put(x, batch) for x in (tokens, positions, valid)))
+    want, _ = dense(tokens, positions, valid)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def _temp_bytes(attention, S, H=4, KV=2, Dh=64):
+    q = jax.ShapeDtypeStruct((1, S, KV, H // KV, Dh), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, S, KV, Dh), jnp.float32)
+    mask = Mask(jnp.arange(S), jnp.ones((1, S), bool), jnp.int32(S + 1))
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, mask, 0.125))  # noqa: E731
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_blockwise_temporary_memory_is_a_fraction_of_dense():
+    S = 2048
+    dense = _temp_bytes(dense_attention, S)
+    block = _temp_bytes(lambda *a: blockwise_attention(*a, 256, 256), S)
+    assert block * 8 <= dense, (block, dense)
