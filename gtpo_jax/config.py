@@ -7,7 +7,7 @@ one; a bad value is an error naming the field as the user wrote it (`rollout.top
 
 Sections (`config_sections.py`, each checks its own fields): `model`, `tokenizer`, `data`,
 `rollout`, `reward`, `loss` (`losses.LossConfig`), `optim`, `warmup` (optional supervised
-warm-up), `train`, `eval`, `mesh`. `Config` checks the rules across sections. Loss fields that
+warm-up), `train`, `eval`, `mesh`, `metrics` (W&B and sample tables). `Config` checks the rules across sections. Loss fields that
 follow from another section (`DERIVED_LOSS_FIELDS`) are set here and refused from the user.
 """
 
@@ -28,6 +28,7 @@ from gtpo_jax.config_sections import (
     EvalSection,
     FieldPreset,
     MeshSection,
+    MetricsSection,
     ModelSection,
     OptimSection,
     PromptStyle,
@@ -39,6 +40,7 @@ from gtpo_jax.config_sections import (
     TokenizerKind,
     TokenizerSection,
     TrainSection,
+    WandbMode,
     WarmupSection,
     hints,
     scalar_type,
@@ -61,6 +63,7 @@ __all__ = [
     "EvalSection",
     "FieldPreset",
     "MeshSection",
+    "MetricsSection",
     "ModelSection",
     "OptimSection",
     "PromptStyle",
@@ -72,6 +75,7 @@ __all__ = [
     "TokenizerKind",
     "TokenizerSection",
     "TrainSection",
+    "WandbMode",
     "WarmupSection",
     "base_config",
     "check_overrides",
@@ -96,6 +100,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "eval": EvalSection,
     "mesh": MeshSection,
+    "metrics": MetricsSection,
     "compare": CompareSection,
 }
 
@@ -129,6 +134,7 @@ class Config:
     train: TrainSection
     eval: EvalSection
     mesh: MeshSection
+    metrics: MetricsSection
     compare: CompareSection
 
     def __post_init__(self) -> None:
@@ -181,7 +187,7 @@ def ignored_fields(cfg: Config) -> list[str]:
 # checkpoint's config would silently continue a different experiment.
 RESUMABLE = ("train.steps", "train.stop_after", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.resume", "train.run_dir", "train.max_sampled_responses", "reward.num_workers", "reward.timeout_s",
-             "eval", "mesh", "compare", "warmup")  # fmt: skip
+             "eval", "mesh", "metrics", "compare", "warmup")  # fmt: skip
 
 
 def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any], where: str) -> None:

@@ -80,6 +80,12 @@ class Resume(enum.StrEnum):
     NEVER = "never"  # start fresh
 
 
+class WandbMode(enum.StrEnum):  # of metrics.wandb_mode (wandb.init's `mode`)
+    ONLINE = "online"  # sync to the W&B server as the run goes
+    OFFLINE = "offline"  # write the run under run_dir/wandb; `wandb sync` uploads it later
+    DISABLED = "disabled"  # wandb.init is a no-op (the samples still go to run_dir/samples.jsonl)
+
+
 def show(value: Any) -> str:
     """How a value is quoted in an error: as the user wrote it (an enum as its plain string)."""
     return repr(value.value if isinstance(value, enum.Enum) else value)
@@ -430,6 +436,30 @@ class EvalSection(Section):
         self._at_least(0, "every", why=" (0 = only at start and end)")
         self._at_least(1, "num_prompts", "samples")
         self._at_least(0, "temperature", why=" (0 = greedy)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsSection(Section):
+    """Where the metrics go besides run_dir/metrics.jsonl, TensorBoard and the console
+    (training/metrics.py), and the tables of sampled completions (training/samples.py)."""
+
+    _name = "metrics"
+    # Weights & Biases project; empty = W&B off (wandb is then never imported). Process 0 only.
+    wandb_project: str = ""
+    # W&B entity (user or team; empty = the account's default) and run name (empty = W&B's own).
+    wandb_entity: str = ""
+    wandb_run_name: str = ""
+    # "online", "offline" (files under run_dir/wandb, for `wandb sync`) or "disabled".
+    wandb_mode: WandbMode = WandbMode.ONLINE
+    # Every N steps, write samples_per_step sampled completions (prompt, response, reward, O+,
+    # mean token entropy and advantage, length, finish reason) to run_dir/samples.jsonl and, with
+    # W&B on, as a wandb.Table (0 = off).
+    samples_every: int = 0
+    samples_per_step: int = 4
+
+    def _validate(self) -> None:
+        self._at_least(0, "samples_every", why=" (0 = off)")
+        self._at_least(1, "samples_per_step")
 
 
 @dataclasses.dataclass(frozen=True)
