@@ -7,8 +7,9 @@ one; a bad value is an error naming the field as the user wrote it (`rollout.top
 
 Sections (`config_sections.py`, each checks its own fields): `model`, `tokenizer`, `data`,
 `rollout`, `reward`, `loss` (`losses.LossConfig`), `optim`, `warmup` (optional supervised
-warm-up), `train`, `eval`, `mesh`, `metrics` (W&B and sample tables). `Config` checks the rules across sections. Loss fields that
-follow from another section (`DERIVED_LOSS_FIELDS`) are set here and refused from the user.
+warm-up), `train`, `eval`, `mesh`, `metrics` (W&B and sample tables). `Config` checks the rules
+across sections. Loss fields that follow from another section (`DERIVED_LOSS_FIELDS`) are set
+here and refused from the user.
 """
 
 from __future__ import annotations

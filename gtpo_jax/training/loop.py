@@ -5,7 +5,8 @@
         old_logp, entropy = score(params) ; ref_logp = score(ref) if kl                jit
         loss batch = prepare(verdicts, masks, log-probs)                                jit
         ppo_epochs x mini_batches: state = update(state, mini-batch)                    jit
-        metrics -> JSONL / TensorBoard / console ; checkpoint every N, at the end, on SIGTERM
+        metrics -> JSONL / TensorBoard / console / W&B ; samples every N -> samples.jsonl / W&B
+        checkpoint every N, at the end, on SIGTERM
 
 `Trainer` holds what changes (the `TrainState`, the prompt position, the reference policy) and
 the run's resources (reward workers, checkpoints, metrics); what does not change is the `Run`
@@ -40,7 +41,8 @@ from gtpo_jax.training.build import Run, build, initial_params, load_data, promp
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from gtpo_jax.training.collect import GroupBatch, RewardHealthError, Verdicts, check_reward_health, collect
 from gtpo_jax.training.evaluation import evaluate
-from gtpo_jax.training.metrics import MetricsWriter
+from gtpo_jax.training.metrics import open_metrics
+from gtpo_jax.training.samples import write_samples
 from gtpo_jax.training.state import TrainState, init_state
 from gtpo_jax.training.update import Groups, train_on
 from gtpo_jax.training.warmup import warm_up
@@ -148,7 +150,7 @@ class Trainer:
         self.pipeline = prompt_pipeline(cfg, self.train_records, self.built.encode)
         directory = f"{cfg.train.run_dir.rstrip('/')}/checkpoints"
         self.checkpointer = Checkpointer(directory, keep=cfg.train.keep_checkpoints)
-        self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.steps)
+        self.metrics = open_metrics(cfg)
         self.state = _fresh_state(self.built, initial_params(self.built) if params is None else params)
         self.ref_params = None
         # Run facts saved with every checkpoint; `sampled_responses` counts every response generated
@@ -206,6 +208,7 @@ class Trainer:
         self.meta["sampled_responses"] += int(record["prompts_sampled"]) * self.cfg.loss.group_size
         record["sampled_responses"] = float(self.meta["sampled_responses"])
         self.state = self.state._replace(step=self.state.step + 1)
+        write_samples(self.built, self.metrics, batch, loss_batch, int(self.state.step))
         return record | _length_stats(batch, record, self.cfg.train.ppo_epochs) | {"step_time_s": time.time() - t0}
 
     def _rounds_left(self) -> int | None:

@@ -1,6 +1,9 @@
-"""Metric writers: one JSONL record per step, TensorBoard scalars, and a console progress line.
+"""Metric writers: one JSONL record per step, TensorBoard scalars, a console progress line and,
+with `metrics.wandb_project` set, Weights & Biases (the same scalars at their steps, the resolved
+config, and the tables of sampled completions that also go to `run_dir/samples.jsonl`).
 
 Only process 0 writes (multi-host runs call the writer on every process; the others no-op).
+`wandb` is imported only when W&B is on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 import jax
 
+from gtpo_jax.config import Config, MetricsSection, to_dict
+
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -22,9 +27,39 @@ def _fmt_time(seconds: float) -> str:
     )
 
 
+def wandb_settings(m: MetricsSection) -> dict[str, Any] | None:
+    """`wandb.init`'s project, entity, name and mode; None when W&B is off (no project)."""
+    settings = {"project": m.wandb_project, "entity": m.wandb_entity or None, "name": m.wandb_run_name or None}
+    settings["mode"] = str(m.wandb_mode)
+    return settings if settings["project"] else None
+
+
+def _init_wandb(settings: dict[str, Any], config: dict[str, Any] | None, run_dir: Path) -> Any:
+    import wandb  # lazily: a run without W&B never imports it
+
+    return wandb.init(**settings, config=config, dir=str(run_dir))
+
+
+def open_metrics(cfg: Config) -> MetricsWriter:
+    """The run's writer: `train.run_dir`, and W&B as `cfg.metrics` says (with the resolved config)."""
+    settings = wandb_settings(cfg.metrics)
+    return MetricsWriter(cfg.train.run_dir, cfg.train.steps, wandb=settings, config=to_dict(cfg) if settings else None)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, total_steps: int, *, tensorboard: bool = True, stream=None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        *,
+        tensorboard: bool = True,
+        stream=None,
+        wandb: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        """`wandb`: `wandb.init` settings (`wandb_settings`; None = W&B off); `config`: the run's, for W&B."""
         self.enabled = jax.process_index() == 0
+        self.wandb = None
         self.total = total_steps
         self.stream = stream or sys.stdout
         self.start = time.time()
@@ -38,11 +73,14 @@ class MetricsWriter:
             print(f"metrics: writing metrics.jsonl and TensorBoard events to {run_dir}", file=self.stream)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
+        if wandb:
+            self.wandb = _init_wandb(wandb, config, run_dir)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         """Appends `{"step": step, **record}` (floats; non-finite values written as null)."""
@@ -56,6 +94,21 @@ class MetricsWriter:
                 if v is not None:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+
+    def samples(self, step: int, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+        """Sampled completions (`training/samples.py`): one `{"step": step, **row}` line each in
+        `run_dir/samples.jsonl`, and with W&B on a `wandb.Table` logged as "samples" at `step`."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        if self.wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=list(columns), data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({"samples": table}, step=step)
 
     def progress(self, step: int, record: dict[str, Any], keys: tuple[str, ...]) -> None:
         """`[#####.....] step/total  pct  elapsed  eta  key value ...` on the console."""
@@ -88,3 +141,5 @@ class MetricsWriter:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
