@@ -3,6 +3,7 @@ two training steps logged offline and read back from the run's files; samples.js
 logger; with W&B off, `wandb` is never imported."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -121,7 +122,9 @@ if __name__ == "__main__":
 def test_wandb_off_never_imports_it_and_samples_still_written(tmp_path):
     script = tmp_path / "off.py"
     script.write_text(textwrap.dedent(OFF.format(tests=str(ROOT / "tests"), run_dir=str(tmp_path), samples=SAMPLES)))
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=500)
+    # The package from this checkout, installed or not (a script's own folder leads sys.path, not cwd).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"wandb_imported": False}
     assert not (tmp_path / "wandb").exists()
