@@ -191,6 +191,7 @@ def test_peft_export_loads_in_peft_and_matches_our_merged_model(kind, tmp_path):
     np.testing.assert_allclose(theirs[valid], ours[valid], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # trains a tiny run end to end (the CI runs the slow suite too)
 def test_a_lora_run_checkpoints_adapters_and_their_optimizer_state(tmp_path):
     settings = {"loss.algorithm": "grpo", "model.lora_rank": 4, "model.lora_dropout": 0.1, "reward.timeout_s": 60.0}
     trainer = Trainer(tiny_config(tmp_path, **settings))

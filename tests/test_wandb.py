@@ -62,6 +62,7 @@ def _check_samples(run_dir: Path, cfg, n: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # trains a tiny run end to end (the CI runs the slow suite too)
 def test_two_steps_logged_offline_and_read_back(tmp_path, monkeypatch):
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
@@ -119,6 +120,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # trains a tiny run end to end (the CI runs the slow suite too)
 def test_wandb_off_never_imports_it_and_samples_still_written(tmp_path):
     script = tmp_path / "off.py"
     script.write_text(textwrap.dedent(OFF.format(tests=str(ROOT / "tests"), run_dir=str(tmp_path), samples=SAMPLES)))
