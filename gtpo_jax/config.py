@@ -150,6 +150,13 @@ class Config:
                 f"train.max_sampled_responses={t.max_sampled_responses}: must be a multiple of train.prompts_per_step "
                 f"x loss.group_size = {per_round} (the responses of one sampling round)"
             )
+        level = self.loss.recipe.ratio_level
+        if self.model.lora_dropout > 0 and level != "token":
+            raise ConfigError(
+                f"model.lora_dropout={self.model.lora_dropout}: loss.algorithm={str(self.loss.algorithm)!r} clips one "
+                f"{level}-level ratio per response; dropout in the update (not in scoring) moves every ratio off 1 "
+                "and a narrow sequence clip would then silence the gradient. Use lora_dropout=0"
+            )
         top = self.rollout.prompt_buckets[-1]
         if self.data.max_prompt_tokens > top:
             raise ConfigError(

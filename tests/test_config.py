@@ -318,3 +318,12 @@ def test_resuming_under_another_experiments_config_is_refused():
         check_resume(saved, other, "runs/x")
     older = {section: {k: v for k, v in fields.items() if k != "top_k"} for section, fields in saved.items()}
     assert resume_changes(older, saved) == []  # a field an older checkpoint lacks is not a change
+
+
+def test_lora_dropout_with_a_sequence_level_ratio_is_refused():
+    """Dropout acts in the update but not in scoring, so no ratio starts at 1; GSPO's 3e-4 sequence
+    clip would clip nearly every response and the gradient would vanish without a word."""
+    assert from_dict({"model": {"lora_rank": 8, "lora_dropout": 0.1}, "loss": {"algorithm": "dapo"}})
+    for algorithm in ("gspo", "grpo_s"):
+        with pytest.raises(ConfigError, match=rf"^model.lora_dropout=0.1: loss.algorithm='{algorithm}' clips one"):
+            from_dict({"model": {"lora_rank": 8, "lora_dropout": 0.1}, "loss": {"algorithm": algorithm}})
