@@ -43,7 +43,13 @@ def _init_wandb(settings: dict[str, Any], config: dict[str, Any] | None, run_dir
 def open_metrics(cfg: Config) -> MetricsWriter:
     """The run's writer: `train.run_dir`, and W&B as `cfg.metrics` says (with the resolved config)."""
     settings = wandb_settings(cfg.metrics)
-    return MetricsWriter(cfg.train.run_dir, cfg.train.steps, wandb=settings, config=to_dict(cfg) if settings else None)
+    return MetricsWriter(
+        cfg.train.run_dir,
+        cfg.train.steps,
+        wandb=settings,
+        config=to_dict(cfg) if settings else None,
+        budget=cfg.train.max_sampled_responses,
+    )
 
 
 class MetricsWriter:
@@ -56,14 +62,19 @@ class MetricsWriter:
         stream=None,
         wandb: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        budget: int = 0,
     ):
-        """`wandb`: `wandb.init` settings (`wandb_settings`; None = W&B off); `config`: the run's, for W&B."""
+        """`wandb`: `wandb.init` settings (`wandb_settings`; None = W&B off); `config`: the run's, for W&B.
+        `budget`: `train.max_sampled_responses`; when set, the console's percentage and ETA follow
+        the record's `sampled_responses` towards it (the run ends there, usually long before `steps`)."""
         self.enabled = jax.process_index() == 0
+        self.budget = budget
+        self.first_done: float | None = None
+        self._decile = 0  # of the console's bar: a redrawn line is kept each time it passes a tenth
         self.wandb = None
         self.total = total_steps
         self.stream = stream or sys.stdout
         self.start = time.time()
-        self.first_step: int | None = None
         self.tb = None
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         if not self.enabled:
@@ -114,20 +125,24 @@ class MetricsWriter:
         """`[#####.....] step/total  pct  elapsed  eta  key value ...` on the console."""
         if not self.enabled:
             return
-        if self.first_step is None:
-            self.first_step, self.start = step - 1, time.time()
-        done = step - self.first_step
+        by_budget = bool(self.budget) and "sampled_responses" in record
+        # Progress in the unit that ends the run: sampled responses under a budget, else steps.
+        done, total = (float(record["sampled_responses"]), self.budget) if by_budget else (step, self.total)
+        if self.first_done is None:  # the rate is timed from the first line (compilation left out)
+            self.first_done, self.start = done, time.time()
         elapsed = time.time() - self.start
-        eta = elapsed / max(done, 1) * (self.total - step)
-        width = 20
-        filled = int(width * step / max(self.total, 1))
+        rate = (done - self.first_done) / max(elapsed, 1e-9)
+        eta = _fmt_time((total - done) / rate) if rate > 0 else "?"
+        width, frac = 20, min(done / max(total, 1), 1.0)
+        filled = int(width * frac)
         values = "  ".join(f"{k} {record[k]:.3g}" for k in keys if k in record)
+        count = f"{step} steps, {int(done)}/{total} responses" if by_budget else f"{step}/{self.total}"
         line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {100 * step / max(self.total, 1):3.0f}%"
-            f"  elapsed {_fmt_time(elapsed)}  eta {_fmt_time(eta)}  {values}"
+            f"[{'#' * filled}{'.' * (width - filled)}] {count} {100 * frac:3.0f}%"
+            f"  elapsed {_fmt_time(elapsed)}  eta {eta}  {values}"
         )
         if self._tty:  # one line redrawn in place; a newline every 10% keeps a trace in the scrollback
-            keep = step == self.total or step % max(self.total // 10, 1) == 0
+            keep, self._decile = int(10 * frac) != self._decile, int(10 * frac)
             print(f"\r\033[K{line}", end="\n" if keep else "", file=self.stream, flush=True)
         else:  # logs and pipes get one line per step
             print(line, file=self.stream, flush=True)
