@@ -113,20 +113,30 @@ def plot_grid(root: str | Path, results: list[dict]) -> list[Path]:
     for r in results:  # each run's records, with its start evaluation at 0 sampled responses
         start = {"sampled_responses": 0.0, "step": 0, **{f"eval/{k}": v for k, v in r["start"].items()}}
         runs.setdefault(r["variant"], []).append([start, *read_metrics(root / r["variant"] / f"seed{r['seed']}")])
+    k = next((key[4:] for key in results[0]["final"] if key.startswith("avg@")), "1") if results else "1"
+    # One figure each, one panel per metric, one line per variant (mean over seeds, band over seeds).
     figures = {
-        "accuracy": [("sampled_responses", "eval/greedy_pass@1", ""), ("sampled_responses", "eval/avg@16", " avg@16")],
-        "entropy": [("step", "entropy_pos", " O+"), ("step", "entropy_neg", " O-")],
-        "length": [("step", "len_mean", "")],
-        "signs": [("step", "wrong_sign_pos", " wrong-sign O+"), ("step", "wrong_sign_neg", " wrong-sign O-"),
-                  ("step", "shaping_delta", " |A - A unshaped|")],
+        "accuracy": [("sampled_responses", "eval/greedy_pass@1", "held-out greedy pass@1"),
+                     ("sampled_responses", f"eval/avg@{k}", f"held-out avg@{k} (temperature 1)")],
+        "entropy": [("step", "entropy_pos", "entropy of O+ tokens"), ("step", "entropy_neg", "entropy of O- tokens")],
+        "length": [("step", "len_mean", "mean response length (tokens)")],
+        "signs": [("step", "wrong_sign_pos", "wrong-sign fraction, O+"),
+                  ("step", "wrong_sign_neg", "wrong-sign fraction, O-"),
+                  ("step", "shaping_delta", "|A - A unshaped| (shaping is live)")],
     }  # fmt: skip
     out, written = root / "plots", []
     out.mkdir(parents=True, exist_ok=True)
     for name, panels in figures.items():
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for x, y, label in panels:
-            _grid_panel(ax, runs, x, y, label)
-        written.append(_save(fig, ax, out / f"{name}.png", f"{root.name}: {name}"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+        for ax, (x, y, title) in zip(axes[0], panels, strict=True):
+            _grid_panel(ax, runs, x, y)
+            ax.set_title(title, fontsize=10)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{root.name}: {name} (mean over seeds, band = lowest to highest seed)")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written.append(out / f"{name}.png")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for variant in runs:
         curves = [
