@@ -34,11 +34,21 @@ wall times here are several times what an idle machine takes). Each run:
   47 steps, 511 s. Greedy 23.5 -> 12.0% (step 25) -> 17.0% at the end (-6.5), avg@4
   17.4 -> 14.4%: 5e-4 is too high here (the earlier 1e-3 collapsed to 0).
 
-Chosen (shared by every variant): lr 3e-4 constant, G = 16, 16 prompts a step, one update per
-rollout, a budget of 40960 sampled responses (r2's). NOT yet tuned to the issue's goal: r2's
-+14 greedy points at step 80 fell back to +4 at its end, within the evaluation's noise; more
-tuning runs (longer budgets, lr 4e-4, difficulty 4) are still to do, and on an idle 2-core
-machine a run's RL part must be re-timed against the 6-minute limit.
+Re-run on the 2-core machine with no other job at first (r5), then with two background jobs at
+the lowest priority (r6, r7), all from r2's saved warm-up (same seed, same warm-up config), with the
+final evaluation (`eval.samples=16`):
+
+- r5, r2's setting (lr 3e-4, budget 40960): 87 steps, 267 s of RL (the grid's per-run limit is
+  6 min). Greedy 23.5 -> 25.5 / 35.5 / 23.5 / 37.5% at steps 20-80 -> 27.5% at the end (+4.0),
+  avg@16 19.1 -> 25.4% (+6.3), pass@16 81.5 -> 87.5%. Identical to r2 (deterministic).
+- r6, lr 4e-4: greedy 18.0 / 21.5% and avg@16 16.2 / 18.4% at steps 20 / 40 (pass@16 down to 64%),
+  below the start; stopped at step 47.
+- r7, lr 2e-4: greedy 31.0 / 28.5 / 32.0 / 40.0% at steps 20-80 -> 38.0% at the end (+14.5),
+  avg@16 19.1 -> 22.8 / 22.9 / 23.8 / 29.1 -> 28.1% (+9.0), pass@16 81.5 -> 91.5%; 88 steps,
+  427 s under the background jobs.
+
+Chosen (shared by every variant, on DAPO's r7): lr 2e-4 constant, G = 16, 16 prompts a step, one
+update per rollout, a budget of 40960 sampled responses. No other variant was run before the grid.
 """
 
 from gtpo_jax.config import base_config
@@ -57,10 +67,10 @@ def get_config():
     c.rollout.update(max_new_tokens=32, temperature=1.0, prompt_buckets=(16,), max_refill_rounds=2)
     c.reward.update(name="chain", num_workers=1, timeout_s=5.0)
     c.loss.algorithm, c.loss.group_size = "dapo", 16
-    c.optim.update(learning_rate=3e-4, warmup_steps=0, max_grad_norm=1.0)
+    c.optim.update(learning_rate=2e-4, warmup_steps=0, max_grad_norm=1.0)
     c.warmup.update(steps=700, batch_size=64, learning_rate=3e-3)
     c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
-    c.train.max_sampled_responses = 160 * 16 * 16  # 40960: r2's budget, ~87 DAPO steps with refills
+    c.train.max_sampled_responses = 160 * 16 * 16  # 40960: ~87 DAPO steps with refills, ~4.5 min
     c.eval.update(every=20, num_prompts=200, samples=16, temperature=1.0, greedy=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # every local device along fsdp
     return c

@@ -1,0 +1,42 @@
+"""The committed comparison (`benchmarks/results/compare_cot.json`) meets the issue's bar, and
+the README's Results section shows exactly its numbers (the tables are regenerated from the JSON
+by `gtpo_jax.compare.markdown`, so an edited README or a re-run grid without a README update fails)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gtpo_jax.compare import markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "compare_cot.json"
+VARIANTS = ("grpo", "dapo", "gtpo", "grpo_s", "gtpo_joint")
+
+pytestmark = pytest.mark.skipif(not RESULT.exists(), reason="no committed comparison yet")
+
+
+@pytest.fixture(scope="module")
+def summary():
+    return json.loads(RESULT.read_text())
+
+
+def test_every_variant_has_three_seeds_at_one_budget(summary):
+    runs = summary["runs"]
+    for v in VARIANTS:
+        assert len({r["seed"] for r in runs if r["variant"] == v}) >= 3, v
+    assert len({r["sampled_responses"] for r in runs}) == 1
+    for r in runs:
+        assert {"variant", "algorithm", "seed", "sampled_responses", "wall_s", "mean_response_tokens"} <= set(r)
+        for when in ("start", "final"):
+            assert {"greedy_pass@1", "avg@16", "pass@16"} <= set(r[when])
+        assert r["mean_response_tokens"] >= 20
+        assert 0.10 <= r["start"]["greedy_pass@1"] <= 0.40
+        assert r["wall_s"] <= 360, (r["variant"], r["seed"], r["wall_s"])
+
+
+def test_readme_results_match_the_json(summary):
+    readme = (ROOT / "README.md").read_text()
+    for line in markdown(summary).splitlines():
+        if line.startswith("|"):
+            assert line in readme, f"README's Results section is out of date: {line}"
