@@ -67,6 +67,10 @@ def test_tiny_grid_end_to_end_with_equal_budgets_and_resume(tmp_path):
         assert r["start"] == results[0]["start"]  # both variants start from the same warm-up
         assert r["mean_response_tokens"] > 0 and r["wall_s"] > 0
     assert (tmp_path / "warmup" / "seed0" / "params").exists()
+    # The warm-up reports progress with an ETA, and "saved" only once the parameters are written.
+    warm = [i for i, line in enumerate(logs) if line.startswith("warm-up ") and " eta " in line]
+    saved = [i for i, line in enumerate(logs) if "starting parameters saved to" in line]
+    assert warm and len(saved) == 1 and saved[0] > warm[-1]
 
     again = []  # a second run skips what is finished
     assert run_grid(_values(tmp_path), log=again.append)["results"] == results

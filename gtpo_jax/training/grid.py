@@ -84,11 +84,12 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
             return ckptr.restore(path, abstract_params(run.model, run.mesh))
         params = initial_params(run)
         if warmup_steps:
-            log(f"seed {cfg.train.seed}: warm-up saved to {directory}")
+            log(f"seed {cfg.train.seed}: warm-up (shared by the seed's variants)")
             params = warm_up(run, params, load_data(cfg, run.encode)[0], steps=warmup_steps, log=log)
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()
+        log(f"seed {cfg.train.seed}: starting parameters saved to {path}")
     return params
 
 

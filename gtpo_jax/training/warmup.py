@@ -10,6 +10,7 @@ target tokens, computed by the same chunked scoring op the RL loss uses (`scorin
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ def supervised_warmup(
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(records))
-    position = 0
+    position, start = 0, time.time()
     for i in range(cfg.steps):
         if position + cfg.batch_size > len(order):
             order, position = rng.permutation(len(records)), 0
@@ -81,7 +82,12 @@ def supervised_warmup(
         tokens, mask = answer_tokens(tok, [reference_text(r) for r in batch], width)
         params, opt_state, loss = step(params, opt_state, prompts, valid, tokens, mask)
         if (i + 1) % max(cfg.steps // 5, 1) == 0 or i + 1 == cfg.steps:
-            log(f"warm-up {i + 1}/{cfg.steps}: answer cross-entropy {float(loss):.4f}")
+            elapsed = time.time() - start
+            eta = elapsed / (i + 1) * (cfg.steps - i - 1)
+            log(
+                f"warm-up {i + 1}/{cfg.steps}: answer cross-entropy {float(loss):.4f}"
+                f"  elapsed {elapsed:.0f} s  eta {eta:.0f} s"
+            )
     return params
 
 
