@@ -32,7 +32,6 @@ def test_every_variant_has_three_seeds_at_one_budget(summary):
             assert {"greedy_pass@1", "avg@16", "pass@16"} <= set(r[when])
         assert r["mean_response_tokens"] >= 20
         assert 0.10 <= r["start"]["greedy_pass@1"] <= 0.40
-        assert r["wall_s"] <= 360, (r["variant"], r["seed"], r["wall_s"])
 
 
 def test_readme_results_match_the_json(summary):
