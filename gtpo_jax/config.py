@@ -157,6 +157,12 @@ class Config:
                 f"{level}-level ratio per response; dropout in the update (not in scoring) moves every ratio off 1 "
                 "and a narrow sequence clip would then silence the gradient. Use lora_dropout=0"
             )
+        size, g = self.rollout.batch_size, self.loss.group_size
+        if size % g:
+            raise ConfigError(
+                f"rollout.batch_size={size}: must be 0 (the whole step in one sampler call) or a multiple of "
+                f"loss.group_size={g} (the {g} samples of a prompt are drawn in one call)"
+            )
         top = self.rollout.prompt_buckets[-1]
         if self.data.max_prompt_tokens > top:
             raise ConfigError(

@@ -293,9 +293,14 @@ class RolloutSection(Section):
     prompt_buckets: tuple[int, ...] = (16, 32, 64)
     # Dynamic sampling: extra sampling rounds allowed to refill uninformative groups.
     max_refill_rounds: int = 2
+    # Sequences (prompts x their G samples) per sampler call, bounding the KV cache and the
+    # decode activations: a step's prompts are drawn in chunks of batch_size / G prompts (the same
+    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size.
+    batch_size: int = 0
 
     def _validate(self) -> None:
         self._at_least(1, "max_new_tokens")
+        self._at_least(0, "batch_size", why=" (0 = the whole step in one sampler call)")
         self._at_least(0, "temperature", why=" (0 = greedy)")
         self._at_least(0, "top_k", why=" (0 = off)")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")

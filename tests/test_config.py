@@ -141,6 +141,7 @@ BAD_VALUES = [
     ("rollout", "prompt_buckets", (64, 32), "must be a non-empty increasing list of lengths >= 1"),
     ("rollout", "prompt_buckets", (16, "32"), "expected a list of integers"),
     ("rollout", "max_refill_rounds", -1, "must be >= 0"),
+    ("rollout", "batch_size", -8, "must be >= 0 (0 = the whole step in one sampler call)"),
     ("reward", "num_workers", 0, "must be >= 1"),
     ("reward", "timeout_s", 0.0, "must be > 0"),
     ("reward", "max_invalid_frac", 1.5, "must be in [0, 1]"),
@@ -205,6 +206,11 @@ def test_checks_that_span_fields_name_the_field_to_change():
         "loss.overlong_buffer_len=16: must be <= rollout.max_new_tokens=8"
     )
     assert error({"train": {"prompts_per_step": 6, "mini_batches": 4}}).startswith("train.prompts_per_step=6: ")
+    assert error({"rollout": {"batch_size": 12}, "loss": {"group_size": 8}}) == (
+        "rollout.batch_size=12: must be 0 (the whole step in one sampler call) or a multiple of "
+        "loss.group_size=8 (the 8 samples of a prompt are drawn in one call)"
+    )
+    assert from_dict({"rollout": {"batch_size": 16}, "loss": {"group_size": 8}}).rollout.batch_size == 16
 
 
 def test_modes_are_enums_parsed_from_plain_strings():
