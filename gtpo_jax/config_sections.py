@@ -388,8 +388,11 @@ class TrainSection(Section):
     # Passes over each rollout batch, and optimiser steps per pass (mini-batches of whole groups).
     ppo_epochs: int = 1
     mini_batches: int = 1
-    # Gradient accumulation inside a mini-batch (exact: sums and denominators add up).
-    micro_batches: int = 1
+    # Sequences (prompts x loss.group_size) per micro-batch, 0 = the whole mini-batch: the
+    # scoring pass runs over the rollout in chunks of this size, and the update accumulates each
+    # mini-batch's gradient over micro-batches of this size (exact: sums and denominators add up).
+    # A multiple of loss.group_size that divides a mini-batch's sequences.
+    micro_batch_size: int = 0
     # Seed of sampling and everything random after initialisation.
     seed: int = 0
     # Where checkpoints, metrics.jsonl and TensorBoard events go.
@@ -409,12 +412,12 @@ class TrainSection(Section):
     max_sampled_responses: int = 0
 
     def _validate(self) -> None:
-        self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches", "micro_batches")
+        self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches")
+        self._at_least(0, "micro_batch_size", why=" (0 = the whole mini-batch)")
         self._check(
-            self.prompts_per_step % (self.mini_batches * self.micro_batches) == 0,
+            self.prompts_per_step % self.mini_batches == 0,
             "prompts_per_step",
-            f"must split into mini_batches x micro_batches = {self.mini_batches} x {self.micro_batches} "
-            "equal parts (groups are never split)",
+            f"must split into mini_batches = {self.mini_batches} equal parts (groups are never split)",
         )
         self._check(bool(self.run_dir), "run_dir", "must name a directory")
         self._at_least(0, "checkpoint_every", why=" (0 = only at the end)")

@@ -349,3 +349,51 @@ def test_host_verdicts_follow_the_loss_rule():
             kept = (status == 0) & ~truncated if mask_truncated else status == 0
             np.testing.assert_array_equal(v.informative, informative_from_sets(rewards > 0.5, kept))
             assert v.informative.dtype == bool and isinstance(v.informative, np.ndarray)
+
+
+# ---- Micro-batches mean the same thing everywhere (train.micro_batch_size) -----------------
+@pytest.mark.parametrize(("micro_batch_size", "prompts"), [(8, 2), (0, 4)])
+def test_scoring_chunks_and_update_micro_batches_hold_micro_batch_size_sequences(
+    tmp_path, monkeypatch, micro_batch_size, prompts
+):
+    """8 prompts x G = 4, 2 mini-batches of 16 sequences: the scoring pass and the update's
+    gradient accumulation both run the policy on `micro_batch_size` sequences (`prompts` prompts;
+    0 = a whole mini-batch), and a micro-batch is padded to the mesh's batch width (8 devices)."""
+    from gtpo_jax.training import update as update_module
+    from gtpo_jax.training.build import build, initial_params
+    from gtpo_jax.training.state import init_state
+
+    seen, score = [], update_module.score
+
+    def recording(model, rows, *args, **kwargs):  # the policy's rows at each trace
+        seen.append(rows.shape[0])
+        return score(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(update_module, "score", recording)
+    overrides = {"train.prompts_per_step": 8, "train.mini_batches": 2, "train.micro_batch_size": micro_batch_size}
+    for mesh, padded in ((make_mesh(devices=jax.devices()[:1]), prompts), (make_mesh(fsdp=8), 8)):
+        seen.clear()
+        run = build(tiny_config(tmp_path, **overrides), mesh, train=True)
+        state = jax.eval_shape(lambda p: init_state(p, run.optimizer, 0), initial_params(run))  # noqa: B023
+        P, G, T = 8, 4, run.cfg.rollout.max_new_tokens
+        jax.eval_shape(run.fns.score, state.params, _groups(P, G, T))
+        batch = (_groups(P, G, T), _loss_batch(P, G, T))
+        mini = jax.eval_shape(run.fns.take, batch, jax.ShapeDtypeStruct((), jnp.int32))
+        assert mini[0].prompts.shape[0] == 4 // prompts * padded  # micro-batches padded to the batch width
+        jax.eval_shape(run.fns.update, state, *mini)
+        # The scoring pass's chunk, then the update's micro-batches (traced before and in the scan).
+        assert seen == [prompts, padded, padded], seen
+
+
+def _groups(P, G, T):
+    from gtpo_jax.training.update import Groups
+
+    sds = jax.ShapeDtypeStruct
+    return Groups(sds((P, 16), jnp.int32), sds((P, 16), bool), sds((P, G, T), jnp.int32), sds((P, G, T), bool))
+
+
+def _loss_batch(P, G, T):
+    from gtpo_jax.losses import LossBatch
+
+    f = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return LossBatch(f(P, G, T), f(P, G, T), f(P, G, T), f(P, G, T), jax.ShapeDtypeStruct((P, G), bool), None)
