@@ -393,6 +393,10 @@ class TrainSection(Section):
     # mini-batch's gradient over micro-batches of this size (exact: sums and denominators add up).
     # A multiple of loss.group_size that divides a mini-batch's sequences.
     micro_batch_size: int = 0
+    # The scoring pass and the update run over the batch's longest response rounded up to one of
+    # this many lengths, rollout.max_new_tokens / 2**k for k < length_buckets (rounded up): at 4,
+    # T/8, T/4, T/2 and T (one compilation each). 1 = always the full max_new_tokens (off).
+    length_buckets: int = 4
     # Seed of sampling and everything random after initialisation.
     seed: int = 0
     # Where checkpoints, metrics.jsonl and TensorBoard events go.
@@ -414,6 +418,7 @@ class TrainSection(Section):
     def _validate(self) -> None:
         self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches")
         self._at_least(0, "micro_batch_size", why=" (0 = the whole mini-batch)")
+        self._at_least(1, "length_buckets", why=" (1 = off: the full rollout.max_new_tokens)")
         self._check(
             self.prompts_per_step % self.mini_batches == 0,
             "prompts_per_step",

@@ -397,3 +397,52 @@ def _loss_batch(P, G, T):
 
     f = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     return LossBatch(f(P, G, T), f(P, G, T), f(P, G, T), f(P, G, T), jax.ShapeDtypeStruct((P, G), bool), None)
+
+
+# ---- Length buckets (train.length_buckets) ---------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s", "dr_grpo"])
+def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path, algorithm):
+    """Responses of at most 3 of T = 16 tokens: the scoring pass and the update run over the
+    bucket of 4 tokens, and the loss, gradient norm and updated parameters equal those of the
+    same step over all 16 (Dr.GRPO's constant divisor stays T; GTPO's per-position sums and the
+    overlong shaping see only real tokens)."""
+    from gtpo_jax.training.build import build
+    from gtpo_jax.training.collect import collect, verdicts
+    from gtpo_jax.training.loop import loss_inputs
+    from gtpo_jax.training.state import init_state
+    from gtpo_jax.training.update import train_on
+
+    extra = {"loss.overlong_buffer_len": 4} if algorithm == "dapo" else {}
+    common = {"loss.algorithm": algorithm, "rollout.max_new_tokens": 16, "train.prompts_per_step": 8, **extra}
+    trainer = Trainer(tiny_config(tmp_path, **common, **{"loss.dynamic_sampling": False}))
+    try:
+        params = trainer.state.params
+        batch, _, _ = collect(trainer.built, params, trainer.pool, trainer.pipeline, jax.random.key(1))
+        T, keep = 16, np.arange(16) < np.asarray([3, 1, 2, 3])[np.arange(32) % 4].reshape(8, 4, 1)
+        r = batch.rollout
+        mask = np.asarray(r.mask) & keep
+        short = dataclasses.replace(
+            batch,
+            rollout=r._replace(
+                tokens=jnp.where(mask, r.tokens, 0), mask=jnp.asarray(mask), logp=jnp.where(mask, r.logp, 0.0)
+            ),
+            lengths=mask.sum(-1),
+            rewards=np.tile([1.0, 0.0, 1.0, 0.0], (8, 1)).astype(np.float32),
+        )
+        rule = dict(success_threshold=trainer.cfg.loss.success_threshold, mask_truncated=False)
+        results = []
+        for buckets in (4, 1):
+            cfg = dataclasses.replace(trainer.cfg, train=replace(trainer.cfg.train, length_buckets=buckets))
+            run = build(cfg, trainer.built.mesh, train=True)
+            groups, loss_batch, _ = loss_inputs(run, params, None, short, verdicts(short, **rule))
+            state = init_state(params, run.optimizer, 0, mesh=run.mesh)
+            state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
+            results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))
+        (width_on, on, params_on), (width_off, off, params_off) = results
+        assert (width_on, width_off) == (4, T) and on["empty_updates"] == 0
+        np.testing.assert_allclose(on["loss"], off["loss"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(on["grad_norm"], off["grad_norm"], rtol=1e-6)
+        assert on["grad_norm"] > 0
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), params_on, params_off)
+    finally:
+        trainer.close()

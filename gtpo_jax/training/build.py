@@ -58,6 +58,19 @@ class Run:
     optimizer: optax.GradientTransformation | None  # None when built for evaluation
     fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
     sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket, SamplingConfig) so far
+    length_buckets: set = dataclasses.field(default_factory=set)  # response widths of the update so far
+
+    def note_length_bucket(self, width: int) -> None:
+        """Logs (at INFO) a response length bucket seen for the first time: the scoring pass and
+        the update compile once for each (`train.length_buckets`)."""
+        if width not in self.length_buckets:
+            self.length_buckets.add(width)
+            logging.info(
+                "scoring and update: compiling for response length %d of T=%d (%d length buckets so far)",
+                width,
+                self.cfg.rollout.max_new_tokens,
+                len(self.length_buckets),
+            )
 
     def note_sampler_shape(self, shape: tuple[int, ...], sampling: SamplingConfig, total_rows: int = 0) -> None:
         """Logs (at INFO) a sampler input seen for the first time: each is a compilation. A chunk

@@ -126,7 +126,7 @@ def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransform
 
     def loss_sum(trainable, frozen, groups: Groups, batch: LossBatch, key):
         logp, _ = scorer(join(trainable, frozen), groups, key)
-        out = compute_loss(cfg.loss, logp, batch)
+        out = compute_loss(cfg.loss, logp, batch, padded_len=cfg.rollout.max_new_tokens)
         return out.loss_sum, (out.denominator, out.diagnostics)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # w.r.t. the trainable part only
@@ -194,6 +194,17 @@ def mini_batch_fn(mesh: Mesh, n: int, padded: int) -> Callable:
         )
 
     return take
+
+
+def response_buckets(cfg: Config) -> tuple[int, ...]:
+    """The response lengths the scoring pass and the update run over (`train.length_buckets`)."""
+    T = cfg.rollout.max_new_tokens
+    return tuple(sorted({-(-T // 2**k) for k in range(cfg.train.length_buckets)}))
+
+
+def response_width(cfg: Config, longest: int) -> int:
+    """The smallest length bucket holding the batch's longest response."""
+    return next(b for b in response_buckets(cfg) if b >= longest)
 
 
 def micro_prompts(cfg: Config) -> int:
