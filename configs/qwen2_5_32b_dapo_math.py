@@ -21,6 +21,6 @@ LOSS_OVERRIDES = _base.LOSS_OVERRIDES
 def get_config():
     c = _base.get_config()
     c.model.update(preset="qwen2_5_32b", checkpoint="checkpoints/Qwen2.5-32B")
-    c.train.update(micro_batches=16, run_dir="runs/qwen2_5_32b_dapo_math")
+    c.train.update(micro_batch_size=32, run_dir="runs/qwen2_5_32b_dapo_math")
     c.mesh.update(data=1, fsdp=-1, tensor=4)
     return c

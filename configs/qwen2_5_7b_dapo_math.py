@@ -36,7 +36,7 @@ def get_config():
     # G = 16 is every recipe's default; the rest of the loss is the algorithm's recipe.
     c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0)
     c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
-    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batches=8,
+    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batch_size=64,
                    run_dir="runs/qwen2_5_7b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip
     c.eval.update(every=20, num_prompts=30, samples=32, temperature=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)

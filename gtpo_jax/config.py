@@ -52,6 +52,7 @@ from gtpo_jax.losses import RECIPES, LossConfig
 __all__ = [
     "DERIVED_LOSS_FIELDS",
     "IGNORED_WHEN",
+    "REMOVED_FIELDS",
     "RESUMABLE",
     "SECTIONS",
     "ChatTemplate",
@@ -157,12 +158,30 @@ class Config:
                 f"{level}-level ratio per response; dropout in the update (not in scoring) moves every ratio off 1 "
                 "and a narrow sequence clip would then silence the gradient. Use lora_dropout=0"
             )
+        _check_batch_sizes(self.rollout, self.train, self.loss.group_size)
         top = self.rollout.prompt_buckets[-1]
         if self.data.max_prompt_tokens > top:
             raise ConfigError(
                 f"data.max_prompt_tokens={self.data.max_prompt_tokens}: must be <= the largest of "
                 f"rollout.prompt_buckets={list(self.rollout.prompt_buckets)} (a longer prompt fits no bucket)"
             )
+
+
+def _check_batch_sizes(r: RolloutSection, t: TrainSection, g: int) -> None:
+    """Sampler calls and micro-batches hold whole groups of `g` sequences; a micro-batch divides
+    its mini-batch."""
+    if r.batch_size % g:
+        raise ConfigError(
+            f"rollout.batch_size={r.batch_size}: must be 0 (the whole step in one sampler call) or a multiple of "
+            f"loss.group_size={g} (the {g} samples of a prompt are drawn in one call)"
+        )
+    mini = t.prompts_per_step // t.mini_batches * g
+    if t.micro_batch_size % g or (t.micro_batch_size and mini % t.micro_batch_size):
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size}: must be 0 (the whole mini-batch) or a multiple of "
+            f"loss.group_size={g} (groups are never split) that divides a mini-batch's {mini} sequences "
+            "(train.prompts_per_step x loss.group_size / train.mini_batches)"
+        )
 
 
 # (field, the condition under which it has no effect, that condition in words). A field set away
@@ -193,8 +212,11 @@ def ignored_fields(cfg: Config) -> list[str]:
 # Fields a resumed run may change (how long, how often, where and how it runs, and the warm-up,
 # which runs only before step 0 and never on a resume); any other difference from the
 # checkpoint's config would silently continue a different experiment.
+# Sampler calls, micro-batches and length buckets change memory and compilations, not what is
+# computed (the same draws; exact sums), so they are resumable too.
 RESUMABLE = ("train.steps", "train.stop_after", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.resume", "train.run_dir", "train.max_sampled_responses", "reward.num_workers", "reward.timeout_s",
+             "rollout.batch_size", "train.micro_batch_size", "train.length_buckets",
              "eval", "mesh", "metrics", "compare", "warmup")  # fmt: skip
 
 
@@ -220,8 +242,21 @@ def resume_changes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str
     return out
 
 
-def _suggest(name: str, known: list[str]) -> str:
-    """The closest known name, else the list of known names."""
+# Fields that no longer exist, and what replaced them: an old config file or flag gets this
+# instead of a "did you mean" that could name a field of another meaning.
+REMOVED_FIELDS = {
+    "train.micro_batches": (
+        "replaced by train.micro_batch_size, the sequences (prompts x loss.group_size) of one micro-batch "
+        "of the scoring pass and of the update, not their count: micro_batches=k is micro_batch_size = "
+        "train.prompts_per_step x loss.group_size / train.mini_batches / k (0 = the whole mini-batch)"
+    ),
+}
+
+
+def _suggest(name: str, known: list[str], full_name: str = "") -> str:
+    """What replaced a removed field, else the closest known name, else the list of known names."""
+    if full_name in REMOVED_FIELDS:
+        return f": {REMOVED_FIELDS[full_name]}"
     return did_you_mean(name, known, list_known=False) or did_you_mean(name, known)
 
 
@@ -229,7 +264,7 @@ def _section(name: str, cls: type, values: Mapping[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in fields:
-            raise ConfigError(f"unknown config field {name}.{key}{_suggest(key, fields)}")
+            raise ConfigError(f"unknown config field {name}.{key}{_suggest(key, fields, f'{name}.{key}')}")
     return cls(**values)
 
 
@@ -319,7 +354,8 @@ def check_overrides(argv: list[str], flag: str = "config") -> None:
             known = [f"{s}.{k}" for s in base for k in base[s]]
             raise ConfigError(f"unknown config field {'.'.join(path)}{_suggest('.'.join(path), known)}")
         if path[1] not in base[path[0]]:
-            raise ConfigError(f"unknown config field {'.'.join(path)}{_suggest(path[1], list(base[path[0]]))}")
+            name = ".".join(path)
+            raise ConfigError(f"unknown config field {name}{_suggest(path[1], list(base[path[0]]), name)}")
 
 
 def exit_on_unknown_overrides(argv: list[str]) -> None:

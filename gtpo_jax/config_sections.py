@@ -293,9 +293,14 @@ class RolloutSection(Section):
     prompt_buckets: tuple[int, ...] = (16, 32, 64)
     # Dynamic sampling: extra sampling rounds allowed to refill uninformative groups.
     max_refill_rounds: int = 2
+    # Sequences (prompts x their G samples) per sampler call, bounding the KV cache and the
+    # decode activations: a step's prompts are drawn in chunks of batch_size / G prompts (the same
+    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size.
+    batch_size: int = 0
 
     def _validate(self) -> None:
         self._at_least(1, "max_new_tokens")
+        self._at_least(0, "batch_size", why=" (0 = the whole step in one sampler call)")
         self._at_least(0, "temperature", why=" (0 = greedy)")
         self._at_least(0, "top_k", why=" (0 = off)")
         self._check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -383,8 +388,15 @@ class TrainSection(Section):
     # Passes over each rollout batch, and optimiser steps per pass (mini-batches of whole groups).
     ppo_epochs: int = 1
     mini_batches: int = 1
-    # Gradient accumulation inside a mini-batch (exact: sums and denominators add up).
-    micro_batches: int = 1
+    # Sequences (prompts x loss.group_size) per micro-batch, 0 = the whole mini-batch: the
+    # scoring pass runs over the rollout in chunks of this size, and the update accumulates each
+    # mini-batch's gradient over micro-batches of this size (exact: sums and denominators add up).
+    # A multiple of loss.group_size that divides a mini-batch's sequences.
+    micro_batch_size: int = 0
+    # The scoring pass and the update run over the batch's longest response rounded up to one of
+    # this many lengths, rollout.max_new_tokens / 2**k for k < length_buckets (rounded up): at 4,
+    # T/8, T/4, T/2 and T (one compilation each). 1 = always the full max_new_tokens (off).
+    length_buckets: int = 4
     # Seed of sampling and everything random after initialisation.
     seed: int = 0
     # Where checkpoints, metrics.jsonl and TensorBoard events go.
@@ -404,12 +416,13 @@ class TrainSection(Section):
     max_sampled_responses: int = 0
 
     def _validate(self) -> None:
-        self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches", "micro_batches")
+        self._at_least(1, "steps", "prompts_per_step", "ppo_epochs", "mini_batches")
+        self._at_least(0, "micro_batch_size", why=" (0 = the whole mini-batch)")
+        self._at_least(1, "length_buckets", why=" (1 = off: the full rollout.max_new_tokens)")
         self._check(
-            self.prompts_per_step % (self.mini_batches * self.micro_batches) == 0,
+            self.prompts_per_step % self.mini_batches == 0,
             "prompts_per_step",
-            f"must split into mini_batches x micro_batches = {self.mini_batches} x {self.micro_batches} "
-            "equal parts (groups are never split)",
+            f"must split into mini_batches = {self.mini_batches} equal parts (groups are never split)",
         )
         self._check(bool(self.run_dir), "run_dir", "must name a directory")
         self._at_least(0, "checkpoint_every", why=" (0 = only at the end)")

@@ -30,7 +30,7 @@ def test_unknown_fields_and_sections_name_the_closest():
         from_dict({"loss": {"eps_hihg": 0.3}})
     with pytest.raises(ConfigError, match=r"loss\.eps_high=-0\.1: must be >= 0"):
         from_dict({"loss": {"eps_high": -0.1}})
-    with pytest.raises(ConfigError, match=r"train\.prompts_per_step=6: must split into mini_batches x micro_batches"):
+    with pytest.raises(ConfigError, match=r"train\.prompts_per_step=6: must split into mini_batches = 4 equal parts"):
         from_dict({"train": {"prompts_per_step": 6, "mini_batches": 4}})
     with pytest.raises(ConfigError, match=r"optim\.schedule='linear': expected 'constant' or 'cosine'"):
         from_dict({"optim": {"schedule": "linear"}})
@@ -141,6 +141,7 @@ BAD_VALUES = [
     ("rollout", "prompt_buckets", (64, 32), "must be a non-empty increasing list of lengths >= 1"),
     ("rollout", "prompt_buckets", (16, "32"), "expected a list of integers"),
     ("rollout", "max_refill_rounds", -1, "must be >= 0"),
+    ("rollout", "batch_size", -8, "must be >= 0 (0 = the whole step in one sampler call)"),
     ("reward", "num_workers", 0, "must be >= 1"),
     ("reward", "timeout_s", 0.0, "must be > 0"),
     ("reward", "max_invalid_frac", 1.5, "must be in [0, 1]"),
@@ -160,7 +161,7 @@ BAD_VALUES = [
     ("train", "prompts_per_step", 0, "must be >= 1"),
     ("train", "ppo_epochs", 0, "must be >= 1"),
     ("train", "mini_batches", 0, "must be >= 1"),
-    ("train", "micro_batches", 0, "must be >= 1"),
+    ("train", "micro_batch_size", -4, "must be >= 0 (0 = the whole mini-batch)"),
     ("train", "resume", "nevr", "expected 'auto' or 'never'; did you mean 'never'?"),
     ("train", "run_dir", "", "must name a directory"),
     ("train", "checkpoint_every", -1, "must be >= 0 (0 = only at the end)"),
@@ -205,6 +206,43 @@ def test_checks_that_span_fields_name_the_field_to_change():
         "loss.overlong_buffer_len=16: must be <= rollout.max_new_tokens=8"
     )
     assert error({"train": {"prompts_per_step": 6, "mini_batches": 4}}).startswith("train.prompts_per_step=6: ")
+    assert error({"rollout": {"batch_size": 12}, "loss": {"group_size": 8}}) == (
+        "rollout.batch_size=12: must be 0 (the whole step in one sampler call) or a multiple of "
+        "loss.group_size=8 (the 8 samples of a prompt are drawn in one call)"
+    )
+    assert from_dict({"rollout": {"batch_size": 16}, "loss": {"group_size": 8}}).rollout.batch_size == 16
+    micro = "train.micro_batch_size={}: must be 0 (the whole mini-batch) or a multiple of loss.group_size=4 (groups "
+    micro += "are never split) that divides a mini-batch's 32 sequences (train.prompts_per_step x loss.group_size / "
+    micro += "train.mini_batches)"
+    sizes = {"loss": {"group_size": 4}, "train": {"prompts_per_step": 16, "mini_batches": 2}}
+    for bad in (6, 12):  # not whole groups; whole groups that do not divide the mini-batch
+        sizes["train"]["micro_batch_size"] = bad
+        assert error(sizes) == micro.format(bad)
+    sizes["train"]["micro_batch_size"] = 8
+    assert from_dict(sizes).train.micro_batch_size == 8
+
+
+def test_the_removed_micro_batches_field_names_its_replacement():
+    """`train.micro_batches` (a count) became `train.micro_batch_size` (sequences): an old flag or
+    config file is told how to convert, not pointed at `mini_batches`."""
+    import subprocess
+    import sys
+
+    replaced = (
+        "unknown config field train.micro_batches: replaced by train.micro_batch_size, the sequences (prompts x "
+        "loss.group_size) of one micro-batch of the scoring pass and of the update, not their count: "
+        "micro_batches=k is micro_batch_size = train.prompts_per_step x loss.group_size / train.mini_batches / k "
+        "(0 = the whole mini-batch)"
+    )
+    with pytest.raises(ConfigError) as e:
+        from_dict({"train": {"micro_batches": 2}})
+    assert str(e.value) == replaced
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["--config.train.micro_batches=2"])
+    assert str(e.value) == replaced
+    args = [sys.executable, "-m", "gtpo_jax.train", "--config=configs/default.py", "--config.train.micro_batches=2"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == f"error: {replaced}"
 
 
 def test_modes_are_enums_parsed_from_plain_strings():

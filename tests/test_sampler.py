@@ -228,3 +228,66 @@ def test_each_sampler_compilation_is_logged_once(caplog):
         "sampler: compiling for P=16 prompt bucket=32 G=1 T=8 temperature=0",
         "sampler: compiling for P=16 prompt bucket=64 G=8 T=8 temperature=1",
     ]
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_a_draw_in_chunks_equals_one_call(model, chunk):
+    """`rollout.batch_size`: prompts drawn `chunk` at a time (the last chunk padded), each call
+    told the whole draw's rows and its offset, give the tokens, masks, lengths and finish flags
+    (and, to float32 rounding, the log-probs) of one call with the same key (G > 1, left-padded
+    prompts of different lengths, temperature 1 with top-k and top-p, a stop token)."""
+    from types import SimpleNamespace
+
+    from gtpo_jax.parallel.placement import Placement
+    from gtpo_jax.training.collect import sample_chunks
+
+    cfg = sampling_config(
+        group_size=3, max_new_tokens=7, temperature=1.0, top_k=40, top_p=0.95, stop_token_ids=(5,), prompt_buckets=(8,)
+    )
+    one, tokens, valid = run(model, cfg, key=13)
+    assert len({tuple(np.asarray(one.tokens[0, g])) for g in range(3)}) > 1  # real draws, not argmax
+    model_def, params = split_model(model)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    shapes = []
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(rollout=SimpleNamespace(batch_size=chunk * 3)),
+        model=model_def,
+        place=Placement(mesh),
+        note_sampler_shape=lambda shape, sampling, total_rows=0: shapes.append((shape, total_rows)),
+    )
+    placed = fake.place.put((tokens, valid))
+    chunked = sample_chunks(fake, params, (tokens, valid), placed, jax.random.key(13), cfg)
+    assert shapes == [((chunk, 8), 9)]  # calls of `chunk` prompts within a 9-row draw
+    for name in ("tokens", "mask", "lengths", "finish_reason"):
+        np.testing.assert_array_equal(np.asarray(getattr(chunked, name)), np.asarray(getattr(one, name)), err_msg=name)
+    # The same tokens; the log-probs to float32 rounding (a matmul over fewer rows may round apart).
+    np.testing.assert_allclose(np.asarray(chunked.logp), np.asarray(one.logp), rtol=0, atol=2e-6)
+    # Without the whole draw's row keys, a chunk would draw other tokens.
+    alone = sample(model_def, params, jnp.asarray(tokens[1:2]), jnp.asarray(valid[1:2]), jax.random.key(13), cfg)
+    assert np.any(np.asarray(alone.tokens[0]) != np.asarray(one.tokens[1]))
+
+
+def test_row_keys_slice_the_whole_draws_keys():
+    from gtpo_jax.rollout.sampler import row_keys
+
+    key = jax.random.key(3)
+    whole = jax.random.key_data(jax.random.split(key, 10))
+    np.testing.assert_array_equal(jax.random.key_data(row_keys(key, 10, 10, 0)), whole)
+    np.testing.assert_array_equal(jax.random.key_data(row_keys(key, 4, 10, jnp.int32(4))), whole[4:8])
+    padded = jax.random.key_data(row_keys(key, 4, 10, jnp.int32(8)))  # a last chunk past the draw's rows
+    np.testing.assert_array_equal(padded[:2], whole[8:])
+
+
+def test_the_kv_cache_is_in_the_compute_dtype():
+    """A bfloat16-compute model keeps its cache in bfloat16 (half the memory of float32), before
+    and after a prefill, while its parameters stay float32."""
+    bf16 = Transformer(get_preset("tiny_qwen2", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    assert jax.tree.leaves(nnx.state(bf16))[0].dtype == jnp.float32
+    from gtpo_jax.models.transformer import KVCache, positions_from_valid
+
+    cache = KVCache.empty(bf16.cfg, 2, 12)
+    assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
+    tokens, valid = pad_prompts(PROMPTS[:2], (8,), 0)
+    _, cache = bf16(jnp.asarray(tokens), positions_from_valid(jnp.asarray(valid)), jnp.asarray(valid), cache)
+    assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
+    assert KVCache.empty(get_preset("tiny_qwen2"), 2, 12).k.dtype == jnp.float32

@@ -43,7 +43,7 @@ EXTRA = {
         "eval.every": 1,
         "train.ppo_epochs": 2,
         "train.mini_batches": 2,
-        "train.micro_batches": 2,
+        "train.micro_batch_size": 4,  # 2 micro-batches of a 2-prompt mini-batch (G = 4)
         "loss.dynamic_sampling": True,  # reads rollout.max_refill_rounds
     },
     # The presets train without dynamic sampling (their papers' setting); a two-step tiny run can

@@ -349,3 +349,102 @@ def test_host_verdicts_follow_the_loss_rule():
             kept = (status == 0) & ~truncated if mask_truncated else status == 0
             np.testing.assert_array_equal(v.informative, informative_from_sets(rewards > 0.5, kept))
             assert v.informative.dtype == bool and isinstance(v.informative, np.ndarray)
+
+
+# ---- Micro-batches mean the same thing everywhere (train.micro_batch_size) -----------------
+@pytest.mark.parametrize(("micro_batch_size", "prompts"), [(8, 2), (0, 4)])
+def test_scoring_chunks_and_update_micro_batches_hold_micro_batch_size_sequences(
+    tmp_path, monkeypatch, micro_batch_size, prompts
+):
+    """8 prompts x G = 4, 2 mini-batches of 16 sequences: the scoring pass and the update's
+    gradient accumulation both run the policy on `micro_batch_size` sequences (`prompts` prompts;
+    0 = a whole mini-batch), and a micro-batch is padded to the mesh's batch width (8 devices)."""
+    from gtpo_jax.training import update as update_module
+    from gtpo_jax.training.build import build, initial_params
+    from gtpo_jax.training.state import init_state
+
+    seen, score = [], update_module.score
+
+    def recording(model, rows, *args, **kwargs):  # the policy's rows at each trace
+        seen.append(rows.shape[0])
+        return score(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(update_module, "score", recording)
+    overrides = {"train.prompts_per_step": 8, "train.mini_batches": 2, "train.micro_batch_size": micro_batch_size}
+    for mesh, padded in ((make_mesh(devices=jax.devices()[:1]), prompts), (make_mesh(fsdp=8), 8)):
+        seen.clear()
+        run = build(tiny_config(tmp_path, **overrides), mesh, train=True)
+        state = jax.eval_shape(lambda p: init_state(p, run.optimizer, 0), initial_params(run))  # noqa: B023
+        P, G, T = 8, 4, run.cfg.rollout.max_new_tokens
+        jax.eval_shape(run.fns.score, state.params, _groups(P, G, T))
+        batch = (_groups(P, G, T), _loss_batch(P, G, T))
+        mini = jax.eval_shape(run.fns.take, batch, jax.ShapeDtypeStruct((), jnp.int32))
+        assert mini[0].prompts.shape[0] == 4 // prompts * padded  # micro-batches padded to the batch width
+        jax.eval_shape(run.fns.update, state, *mini)
+        # The scoring pass's chunk, then the update's micro-batches (traced before and in the scan).
+        assert seen == [prompts, padded, padded], seen
+
+
+def _groups(P, G, T):
+    from gtpo_jax.training.update import Groups
+
+    sds = jax.ShapeDtypeStruct
+    return Groups(sds((P, 16), jnp.int32), sds((P, 16), bool), sds((P, G, T), jnp.int32), sds((P, G, T), bool))
+
+
+def _loss_batch(P, G, T):
+    from gtpo_jax.losses import LossBatch
+
+    f = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    return LossBatch(f(P, G, T), f(P, G, T), f(P, G, T), f(P, G, T), jax.ShapeDtypeStruct((P, G), bool), None)
+
+
+# ---- Length buckets (train.length_buckets) ---------------------------------------------------
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s", "dr_grpo"])
+def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path, algorithm):
+    """Responses of at most 3 of T = 16 tokens: the scoring pass and the update run over the
+    bucket of 4 tokens, and the loss, gradient norm and updated parameters equal those of the
+    same step over all 16 (Dr.GRPO's constant divisor stays T; GTPO's per-position sums and the
+    overlong shaping see only real tokens)."""
+    from gtpo_jax.training.build import build
+    from gtpo_jax.training.collect import collect, verdicts
+    from gtpo_jax.training.loop import loss_inputs
+    from gtpo_jax.training.state import init_state
+    from gtpo_jax.training.update import train_on
+
+    extra = {"loss.overlong_buffer_len": 4} if algorithm == "dapo" else {}
+    common = {"loss.algorithm": algorithm, "rollout.max_new_tokens": 16, "train.prompts_per_step": 8, **extra}
+    trainer = Trainer(tiny_config(tmp_path, **common, **{"loss.dynamic_sampling": False}))
+    try:
+        params = trainer.state.params
+        batch, _, _ = collect(trainer.built, params, trainer.pool, trainer.pipeline, jax.random.key(1))
+        T, keep = 16, np.arange(16) < np.asarray([3, 1, 2, 3])[np.arange(32) % 4].reshape(8, 4, 1)
+        r = batch.rollout
+        mask = np.asarray(r.mask) & keep
+        short = dataclasses.replace(
+            batch,
+            rollout=r._replace(
+                tokens=jnp.where(mask, r.tokens, 0), mask=jnp.asarray(mask), logp=jnp.where(mask, r.logp, 0.0)
+            ),
+            lengths=mask.sum(-1),
+            rewards=np.tile([1.0, 0.0, 1.0, 0.0], (8, 1)).astype(np.float32),
+        )
+        rule = dict(success_threshold=trainer.cfg.loss.success_threshold, mask_truncated=False)
+        results = []
+        for buckets in (4, 1):
+            cfg = dataclasses.replace(trainer.cfg, train=replace(trainer.cfg.train, length_buckets=buckets))
+            run = build(cfg, trainer.built.mesh, train=True)
+            groups, loss_batch, _ = loss_inputs(run, params, None, short, verdicts(short, **rule))
+            state = init_state(params, run.optimizer, 0, mesh=run.mesh)
+            state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
+            results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))
+        (width_on, on, params_on), (width_off, off, params_off) = results
+        assert (width_on, width_off) == (4, T) and on["empty_updates"] == 0
+        np.testing.assert_allclose(on["loss"], off["loss"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(on["grad_norm"], off["grad_norm"], rtol=1e-6)
+        assert on["grad_norm"] > 0
+        # Float32 rounding of matmuls over other shapes, through AdamW's first step (lr 5e-4, a
+        # near-zero gradient element's update is ~lr * g / |g|): 1% of a step.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-6), params_on, params_off)
+    finally:
+        trainer.close()

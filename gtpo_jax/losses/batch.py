@@ -190,8 +190,12 @@ def _sign_diagnostics(cfg: LossConfig, x: AdvantageInputs, advantages: Array, in
     return out
 
 
-def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch) -> LossOutput:
-    """The recipe's clipped objective on one micro-batch, as a (sum, denominator) pair."""
+def compute_loss(
+    cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch, padded_len: int | None = None
+) -> LossOutput:
+    """The recipe's clipped objective on one micro-batch, as a (sum, denominator) pair.
+    `padded_len`: the length T the responses are padded to when the arrays are cropped shorter
+    (length buckets): `seq_mean_token_sum_norm`'s default divisor (`norm_len` 0) stays T."""
     return policy_loss(
         logp,
         batch.old_logp,
@@ -202,7 +206,7 @@ def compute_loss(cfg: LossConfig, logp: Float[Array, "P G T"], batch: LossBatch)
         dual_clip=cfg.dual_clip if cfg.dual_clip > 0 else None,
         ratio_level=cfg.recipe.ratio_level,
         loss_agg=cfg.loss_agg,
-        norm_len=cfg.norm_len or None,
+        norm_len=cfg.norm_len or padded_len or None,
         kl_coef=cfg.kl_coef,
         kl_estimator=cfg.kl_estimator or KLEstimator.K3,
         ref_logp=batch.ref_logp,

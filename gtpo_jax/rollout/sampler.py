@@ -9,7 +9,11 @@ inside the compiled function: there is one form of the policy, never a host-side
 
 Sampling: logits / temperature, then top-k and top-p (nucleus) filtering, then a categorical
 draw with a key derived from the call's key, the step and the row (deterministic for a given
-key, whatever the sharding). `temperature = 0` is greedy. The log-prob returned for each
+key, whatever the sharding). A step's rollout may be drawn in several calls of fewer rows
+(`rollout.batch_size`, training/collect.py `draw`): each call is told the rows of the whole
+draw (`total_rows`, static) and where its own start (`row_offset`), and takes its row keys
+from the whole draw's `split(fold_in(key, step), total_rows)`, so the chunks draw exactly the
+tokens one call would. `temperature = 0` is greedy. The log-prob returned for each
 sampled token is `log softmax(logits / temperature)` over the **full** vocabulary (at
 temperature 1 when greedy): the same quantity the scoring pass computes, so the importance
 ratio of an on-policy update starts at exactly 1.
@@ -86,15 +90,28 @@ def filter_logits(logits: Float[Array, "B V"], top_k: int, top_p: float) -> Floa
     return logits
 
 
-def _draw(logits: Float[Array, "B V"], key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
-    """Token and its full-vocabulary log-prob at the sampling temperature, per row."""
+def row_keys(key: Array, rows: int, total_rows: int, row_offset: Array | int) -> Array:
+    """Keys of rows `[row_offset, row_offset + rows)` of a draw of `total_rows` rows: slices of
+    `split(key, total_rows)`, so a chunk's rows get the keys one call over every row gives them.
+    Rows past `total_rows` (a last chunk padded to the common shape) get repeated keys."""
+    keys = jax.random.split(key, total_rows)
+    if rows == total_rows:
+        return keys  # the whole draw in one call: exactly `split(key, rows)`
+    data = jax.random.key_data(keys)  # [total_rows, ...] uint32; padded so that every slice fits
+    data = jnp.pad(data, ((0, rows), *[(0, 0)] * (data.ndim - 1)), mode="edge")
+    return jax.random.wrap_key_data(jax.lax.dynamic_slice_in_dim(data, row_offset, rows), impl=jax.random.key_impl(key))
+
+
+def _draw(logits: Float[Array, "B V"], key: Array, cfg: SamplingConfig, rows: tuple) -> tuple[Array, Array]:
+    """Token and its full-vocabulary log-prob at the sampling temperature, per row; `rows` is
+    `(total_rows, row_offset)` of this call within its draw (`row_keys`)."""
     r = cfg.rollout
     temperature = r.temperature if r.temperature > 0 else 1.0
     scaled = logits.astype(jnp.float32) / temperature
     if r.temperature == 0 or r.top_k == 1:
         token = jnp.argmax(scaled, axis=-1)
     else:
-        keys = jax.random.split(key, scaled.shape[0])
+        keys = row_keys(key, scaled.shape[0], *rows)
         filtered = filter_logits(scaled, r.top_k, r.top_p)
         token = jax.vmap(jax.random.categorical)(keys, filtered)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
@@ -114,7 +131,7 @@ def _prefill(model: Any, prompts: Array, prompt_valid: Array, G: int, T: int) ->
     return cache, logits, jnp.repeat(jnp.sum(prompt_valid, axis=1), G)  # real prompt tokens: first response position
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "cfg"))
+@functools.partial(jax.jit, static_argnames=("model_def", "cfg", "total_rows"))
 def sample(
     model_def: ModelDef,
     params: Any,
@@ -122,19 +139,22 @@ def sample(
     prompt_valid: Bool[Array, "P Lp"],
     key: Array,
     cfg: SamplingConfig,
+    row_offset: Array | int = 0,
+    total_rows: int | None = None,
 ) -> Rollout:
     """Draws `cfg.group_size` responses for each left-padded prompt (see the module docstring).
 
-    `params` is the policy's pure-dict parameter tree (the one the update trains), merged with
-    `model_def` inside the compiled function, as the scoring pass does."""
-    model = model_def.merge(params)
-    P, _ = prompts.shape
+    `params` is the policy's pure-dict parameter tree, merged with `model_def` inside jit. A chunk
+    of a larger draw passes its rows `total_rows` (static; default `P * G`) and its first row
+    `row_offset` (traced: the chunks share one compilation)."""
+    model, (P, _) = model_def.merge(params), prompts.shape
     G, T = cfg.group_size, cfg.rollout.max_new_tokens
     B = P * G
+    rows = (total_rows or B, jnp.asarray(row_offset, jnp.int32))
     stops = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     cache, logits, next_position = _prefill(model, prompts, prompt_valid, G, T)
 
-    token, logp = _draw(logits, jax.random.fold_in(key, 0), cfg)
+    token, logp = _draw(logits, jax.random.fold_in(key, 0), cfg, rows)
     done = jnp.isin(token, stops)
     state = (
         jnp.ones((), jnp.int32),  # next step to fill
@@ -153,7 +173,7 @@ def sample(
         step, tokens, logps, lengths, last, cache = state
         alive = lengths == 0
         hidden, cache = model(last[:, None], (next_position + step - 1)[:, None], alive[:, None], cache)
-        token, logp = _draw(model.logits(hidden)[:, 0], jax.random.fold_in(key, step), cfg)
+        token, logp = _draw(model.logits(hidden)[:, 0], jax.random.fold_in(key, step), cfg, rows)
         token = jnp.where(alive, token, cfg.pad_id)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         logps = jax.lax.dynamic_update_slice_in_dim(logps, jnp.where(alive, logp, 0.0)[:, None], step, axis=1)

@@ -58,18 +58,33 @@ class Run:
     optimizer: optax.GradientTransformation | None  # None when built for evaluation
     fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
     sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket, SamplingConfig) so far
+    length_buckets: set = dataclasses.field(default_factory=set)  # response widths of the update so far
 
-    def note_sampler_shape(self, shape: tuple[int, ...], sampling: SamplingConfig) -> None:
-        """Logs (at INFO) a sampler input seen for the first time: each is a compilation."""
-        if (*shape, sampling) not in self.sampler_shapes:
-            self.sampler_shapes.add((*shape, sampling))
+    def note_length_bucket(self, width: int) -> None:
+        """Logs (at INFO) a response length bucket seen for the first time: the scoring pass and
+        the update compile once for each (`train.length_buckets`)."""
+        if width not in self.length_buckets:
+            self.length_buckets.add(width)
+            logging.info(
+                "scoring and update: compiling for response length %d of T=%d (%d length buckets so far)",
+                width,
+                self.cfg.rollout.max_new_tokens,
+                len(self.length_buckets),
+            )
+
+    def note_sampler_shape(self, shape: tuple[int, ...], sampling: SamplingConfig, total_rows: int = 0) -> None:
+        """Logs (at INFO) a sampler input seen for the first time: each is a compilation. A chunk
+        of a larger draw (`rollout.batch_size`) also names the draw's `total_rows`."""
+        if (*shape, sampling, total_rows) not in self.sampler_shapes:
+            self.sampler_shapes.add((*shape, sampling, total_rows))
             r = sampling.rollout
             logging.info(
-                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d temperature=%g (%d compilations so far)",
+                "sampler: compiling for P=%d prompt bucket=%d G=%d T=%d temperature=%g (%s%d compilations so far)",
                 *shape,
                 sampling.group_size,
                 r.max_new_tokens,
                 r.temperature,
+                f"a chunk of a {total_rows}-row draw; " if total_rows else "",
                 len(self.sampler_shapes),
             )
 
@@ -130,13 +145,19 @@ def run_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def _replicated_rows(cfg: Config, mesh: Mesh) -> list[str]:
     """Rows that the batch axes cannot split are replicated on every device: N times the work."""
-    width, p = batch_width(mesh), cfg.train.prompts_per_step
-    if p % width == 0:
-        return []
-    return [
-        f"train.prompts_per_step={p} is not a multiple of the {width} devices along the batch axes: the rollout "
-        f"and scoring rows are replicated on every device ({width}x the work); use a multiple of {width}"
-    ]
+    width, p, out = batch_width(mesh), cfg.train.prompts_per_step, []
+    if p % width:
+        out.append(
+            f"train.prompts_per_step={p} is not a multiple of the {width} devices along the batch axes: the rollout "
+            f"and scoring rows are replicated on every device ({width}x the work); use a multiple of {width}"
+        )
+    size, g = cfg.rollout.batch_size, cfg.loss.group_size
+    if size and size // g < p and (size // g) % width:
+        out.append(
+            f"rollout.batch_size={size} draws {size // g} prompts a sampler call, not a multiple of the {width} "
+            f"devices along the batch axes: those rows are replicated on every device; use a multiple of {width * g}"
+        )
+    return out
 
 
 def initial_params(run: Run) -> Any:

@@ -147,19 +147,57 @@ def draw(
     key: jax.Array,
     sampling: SamplingConfig | None = None,
 ) -> GroupBatch:
-    """Pads and places the records' prompts once, draws G responses for each, and scores them."""
+    """Pads and places the records' prompts once, draws G responses for each (in sampler calls
+    of `rollout.batch_size` sequences: `sample_chunks`), and scores them."""
     ids = [run.encode(r) for r in records]
     tokens, valid = pad_prompts(ids, run.cfg.rollout.prompt_buckets, run.tok.pad_id)
     sampling = sampling or run.sampling
-    run.note_sampler_shape(tokens.shape, sampling)
     prompts, prompt_valid = run.place.put((tokens, valid))
-    rollout = run.place.as_rows(sample(run.model, params, prompts, prompt_valid, key, sampling))
+    rollout = run.place.as_rows(sample_chunks(run, params, (tokens, valid), (prompts, prompt_valid), key, sampling))
     lengths, finish = gather_rows((rollout.lengths, rollout.finish_reason))
     rewards, status, first_error = score_rollout(rollout, records, run.tok, pool)
     truncated, prompt_lengths = finish == FINISH_LENGTH, np.asarray([len(i) for i in ids])
     return GroupBatch(
         records, prompts, prompt_valid, rollout, lengths, truncated, rewards, status, prompt_lengths, first_error
     )
+
+
+def chunk_prompts(num_prompts: int, group_size: int, batch_size: int) -> int:
+    """Prompts per sampler call: `batch_size // group_size` (at least 1), or all of them when
+    `batch_size` is 0 or holds every prompt's samples."""
+    return num_prompts if not batch_size else max(1, min(num_prompts, batch_size // group_size))
+
+
+@functools.partial(jax.jit, static_argnames="rows")
+def _join(parts: list[Rollout], rows: int) -> Rollout:
+    """The chunks' rollouts end to end, without the padding rows of the last chunk."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:rows], *parts)
+
+
+def sample_chunks(
+    run: Run, params: Any, host: tuple[np.ndarray, np.ndarray], placed: tuple, key: jax.Array, sampling: SamplingConfig
+) -> Rollout:
+    """The rollout of the padded prompts (`host`, and `placed` on the mesh), drawn in calls of
+    `chunk_prompts` prompts (`rollout.batch_size` sequences), concatenated on the devices. Each
+    call takes its rows' keys from the whole draw's (`sampler.row_keys`): the same tokens as one
+    call. A short last chunk is padded with copies of the last prompt (one compiled shape)."""
+    tokens, valid = host
+    P, G = len(tokens), sampling.group_size
+    chunk = chunk_prompts(P, G, run.cfg.rollout.batch_size)
+    if chunk == P:
+        run.note_sampler_shape(tokens.shape, sampling)
+        return sample(run.model, params, *placed, key, sampling)
+    run.note_sampler_shape((chunk, tokens.shape[1]), sampling, total_rows=P * G)
+    n = -(-P // chunk)
+    last = np.full(n * chunk - P, P - 1)
+    tokens, valid = (np.concatenate([x, x[last]]) for x in (tokens, valid))
+    parts = []
+    for i in range(n):
+        rows = slice(i * chunk, (i + 1) * chunk)
+        prompts, prompt_valid = run.place.put((tokens[rows], valid[rows]))
+        offset = jnp.int32(i * chunk * G)
+        parts.append(sample(run.model, params, prompts, prompt_valid, key, sampling, offset, total_rows=P * G))
+    return _join(parts, P)
 
 
 def _fit(x: jax.Array, width: int, fill: Any) -> jax.Array:

@@ -53,7 +53,8 @@ def evaluate_policy(
     """`{"avg@k", "pass@1", "pass@2", ..., "pass@k", "prompts", "reward_invalid_frac"}` over `records`,
     `k = samples` (1 when greedy; see `summarize`). Chunks are padded to a multiple of the mesh's
     batch width, so the prompts stay split over the devices instead of being replicated on each,
-    and compile once."""
+    and compile once; `draw` samples each in calls of `rollout.batch_size` sequences, as training
+    does (the same draws as one call)."""
     k = 1 if temperature == 0 else samples
     sampling = run.sampling._replace(
         rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature), group_size=k

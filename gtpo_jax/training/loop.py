@@ -44,7 +44,7 @@ from gtpo_jax.training.evaluation import evaluate
 from gtpo_jax.training.metrics import open_metrics
 from gtpo_jax.training.samples import write_samples
 from gtpo_jax.training.state import TrainState, init_state
-from gtpo_jax.training.update import Groups, train_on
+from gtpo_jax.training.update import Groups, response_width, train_on
 from gtpo_jax.training.warmup import warm_up
 
 __all__ = ["RewardHealthError", "Trainer", "agreed", "load_data"]
@@ -78,10 +78,21 @@ def _length_stats(batch: GroupBatch, record: dict[str, float], ppo_epochs: int) 
     }
 
 
+def cropped(rollout: Any, width: int) -> Any:
+    """The rollout's `[P, G, T]` arrays cut to their first `width` positions (nothing real lies
+    beyond: every response is at most `width` long)."""
+    return rollout._replace(
+        tokens=rollout.tokens[..., :width], mask=rollout.mask[..., :width], logp=rollout.logp[..., :width]
+    )
+
+
 def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdicts: Verdicts):
-    """The scoring pass on the batch's own placed prompts and responses, then the loss batch:
-    `(groups, loss batch, diagnostics)`. Only the verdicts cross from the host to the devices."""
-    r = batch.rollout
+    """The scoring pass on the batch's own placed prompts and responses, cropped to the length
+    bucket of the longest response (`train.length_buckets`), then the loss batch: `(groups, loss
+    batch, diagnostics)`, `[P, G, width]`. Only the verdicts cross from the host to the devices."""
+    width = response_width(run.cfg, int(batch.lengths.max()))
+    run.note_length_bucket(width)
+    r = run.place.as_rows(cropped(batch.rollout, width))
     groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
     old_logp, entropy = run.fns.score(params, groups)
     ref_params = kl_reference(run.cfg, params, ref_params)

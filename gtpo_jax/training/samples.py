@@ -43,7 +43,8 @@ def picked(num_prompts: int, group_size: int, n: int) -> list[tuple[int, int]]:
 def sample_rows(run: Run, batch: GroupBatch, loss_batch: Any, n: int) -> list[dict[str, Any]]:
     """`n` rows of `COLUMNS` from the step's batch and its loss batch (`losses.LossBatch`)."""
     r = batch.rollout
-    entropy, advantage = response_means(loss_batch.entropy, loss_batch.advantages, r.mask)
+    width = loss_batch.entropy.shape[-1]  # the step's length bucket (training/loop.py loss_inputs)
+    entropy, advantage = response_means(loss_batch.entropy, loss_batch.advantages, r.mask[..., :width])
     host = gather_rows((r.tokens, r.mask, batch.prompts, batch.prompt_valid, entropy, advantage, loss_batch.correct))
     tokens, mask, prompts, prompt_valid, entropy, advantage, correct = host
     rows = []

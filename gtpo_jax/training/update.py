@@ -3,7 +3,10 @@
 Shapes: `P` prompts of the (mini-)batch, `Lp` padded prompt length, `G` responses per prompt,
 `T` response length. Groups are never split: micro- and mini-batches slice `P`.
 
-The update accumulates over `micro_batches` with `lax.scan`: each micro-batch contributes the
+A micro-batch holds `train.micro_batch_size` sequences (`micro_prompts` prompts; 0 = the whole
+mini-batch), the same in the scoring pass (which runs over the rollout batch in chunks of that
+size) and in the update, which accumulates over a mini-batch's micro-batches with `lax.scan`:
+each micro-batch contributes the
 gradient of its loss *sum* and its *denominator*; the gradient of the mini-batch loss is
 `sum(grad loss_sum) / sum(denominator)` — exactly the gradient of `sum / sum` because the
 denominator does not depend on the parameters. A gradient (or loss) that is not finite skips
@@ -35,7 +38,8 @@ from jax.sharding import Mesh
 from gtpo_jax.config import Config
 from gtpo_jax.losses import LossBatch, compute_loss, finalize_diagnostics, merge_diagnostics, prepare_batch
 from gtpo_jax.models.lora import join, split_trainable
-from gtpo_jax.models.sharding import ModelDef, batch_width, rows_sharding
+from gtpo_jax.models.sharding import ModelDef, rows_sharding
+from gtpo_jax.parallel.placement import Placement
 from gtpo_jax.rollout.sampler import FINISH_LENGTH
 from gtpo_jax.scoring import score
 from gtpo_jax.training.state import TrainState
@@ -54,7 +58,7 @@ class Groups(NamedTuple):
 class StepFns:
     """The jitted functions of a training run, built once by `step_fns`."""
 
-    # (params, groups) -> (logp, entropy) [P, G, T], in micro_batches chunks of prompts.
+    # (params, groups) -> (logp, entropy) [P, G, T], in micro-batches of `micro_prompts` prompts.
     score: Callable
     # (verdicts (rewards, valid, correct, informative), groups, lengths, finish_reason, old_logp, entropy, ref_logp)
     #   -> (LossBatch, diagnostics)
@@ -117,10 +121,12 @@ def _prepare_fn(cfg: Config) -> Callable:
     return prepare
 
 
-def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransformation) -> Callable:
+def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransformation, micro: int) -> Callable:
+    """The jitted update of one mini-batch, its gradient accumulated over `micro` micro-batches."""
+
     def loss_sum(trainable, frozen, groups: Groups, batch: LossBatch, key):
         logp, _ = scorer(join(trainable, frozen), groups, key)
-        out = compute_loss(cfg.loss, logp, batch)
+        out = compute_loss(cfg.loss, logp, batch, padded_len=cfg.rollout.max_new_tokens)
         return out.loss_sum, (out.denominator, out.diagnostics)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)  # w.r.t. the trainable part only
@@ -133,9 +139,8 @@ def _update_fn(scorer: Callable, cfg: Config, optimizer: optax.GradientTransform
             (value, (d, diagnostics)), g = grad_fn(trainable, frozen, *micro)
             return (jax.tree.map(jnp.add, grads, g), total + value, den + d, merge_diagnostics(diag, diagnostics)), None
 
-        n = cfg.train.micro_batches
-        keys = None if key is None else jax.random.split(key, n)
-        micros = (*_split((groups, batch), n), keys)
+        keys = None if key is None else jax.random.split(key, micro)
+        micros = (*_split((groups, batch), micro), keys)
         (v0, (d0, diag0)), g0 = grad_fn(trainable, frozen, *jax.tree.map(lambda x: x[0], micros))
         rest = jax.tree.map(lambda x: x[1:], micros)
         return jax.lax.scan(accumulate, (g0, v0, d0, diag0), rest)[0]
@@ -191,20 +196,37 @@ def mini_batch_fn(mesh: Mesh, n: int, padded: int) -> Callable:
     return take
 
 
+def response_buckets(cfg: Config) -> tuple[int, ...]:
+    """The response lengths the scoring pass and the update run over (`train.length_buckets`)."""
+    T = cfg.rollout.max_new_tokens
+    return tuple(sorted({-(-T // 2**k) for k in range(cfg.train.length_buckets)}))
+
+
+def response_width(cfg: Config, longest: int) -> int:
+    """The smallest length bucket holding the batch's longest response."""
+    return next(b for b in response_buckets(cfg) if b >= longest)
+
+
+def micro_prompts(cfg: Config) -> int:
+    """Prompts per micro-batch (`train.micro_batch_size / loss.group_size`; 0 = the mini-batch's)."""
+    t = cfg.train
+    return t.micro_batch_size // cfg.loss.group_size if t.micro_batch_size else t.prompts_per_step // t.mini_batches
+
+
 def step_fns(model: ModelDef, cfg: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> StepFns:
-    """The run's jitted step functions. Mini-batch rows are padded to a multiple of the mesh's
-    batch width (and of `micro_batches`), so they stay split over the devices."""
-    scorer, t = _scorer(model, cfg), cfg.train
+    """The run's jitted step functions. Each micro-batch of a mini-batch is padded to a multiple
+    of the mesh's batch width (`Placement.padded_rows`), so that it stays split over the devices."""
+    scorer, t, m = _scorer(model, cfg), cfg.train, micro_prompts(cfg)
 
     @jax.jit
     def score_all(params, groups: Groups):
-        logp, entropy = jax.lax.map(lambda g: scorer(params, g), _split(groups, t.micro_batches))
+        logp, entropy = jax.lax.map(lambda g: scorer(params, g), _split(groups, groups.prompts.shape[0] // m))
         return _merge(logp), _merge(entropy)
 
     n = t.prompts_per_step // t.mini_batches
-    multiple = int(np.lcm(batch_width(mesh), t.micro_batches))
-    take = mini_batch_fn(mesh, n, -(-n // multiple) * multiple)
-    return StepFns(score_all, _prepare_fn(cfg), _update_fn(scorer, cfg, optimizer), take, n)
+    micro = n // m
+    take = mini_batch_fn(mesh, n, micro * Placement(mesh).padded_rows(m))
+    return StepFns(score_all, _prepare_fn(cfg), _update_fn(scorer, cfg, optimizer, micro), take, n)
 
 
 def train_on(fns: StepFns, state: TrainState, groups: Groups, loss_batch: LossBatch, cfg: Config):
