@@ -88,7 +88,7 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation the predicted tim
 _PEAK = flags.DEFINE_float("peak_tflops", 459.0, "Peak bf16 TFLOP/s per device (v5p: 459, v5e: 197).")
 _HBM_GBPS = flags.DEFINE_float("hbm_gbps", 2765.0, "HBM bandwidth per device in GB/s (v5p: 2765, v5e: 819).")
 _ROLLOUT_ROWS = flags.DEFINE_integer(
-    "rollout_batch_size", -1, "Sequences per sampler call (-1: the config's rollout.batch_size if it has one, else all)."
+    "rollout_batch_size", -1, "Sequences per sampler call (-1: the config's rollout.batch_size if set, else all)."
 )
 _PHASES = flags.DEFINE_list("phases", ["rollout", "score", "update"], "Phases to compile.")
 
@@ -282,11 +282,12 @@ def _xla_flops(compiled: Any) -> float:
 
 def plan_phase(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, Any]:
     """One phase's JSON record: memory, FLOPs, predicted seconds per step, compile times."""
-    t0 = time.perf_counter()
-    lowered = lower_phase(phase, cfg, mesh, s)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    with jax.set_mesh(mesh):  # as the trainer runs: the model pins its activations' rows to the batch axes
+        t0 = time.perf_counter()
+        lowered = lower_phase(phase, cfg, mesh, s)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
     flops, calls = analytic_flops(phase, cfg, s)
     devices, rate = mesh.size, _PEAK.value * 1e12 * _MFU.value
     record = {"phase": phase, **memory_fields(compiled, _HBM.value)}
