@@ -318,8 +318,8 @@ class Attention(nnx.Module):
         else:
             new_cache = None
         scale = cfg.query_pre_attn_scalar**-0.5
-        kind, block, auto_len = cfg.attention, cfg.attention_block, cfg.attention_auto_len
-        out = attend(q.reshape(B, T, K, G, D), k, v, mask, scale, kind=kind, block=block, auto_len=auto_len)
+        kinds = dict(kind=cfg.attention, block=cfg.attention_block, auto_len=cfg.attention_auto_len)
+        out = attend(q.reshape(B, T, K, G, D), k, v, mask, scale, sliding_window=cfg.sliding_window, **kinds)
         return self.o(out.reshape(B, T, K * G * D), _fold(key, 3)), new_cache
 
 
