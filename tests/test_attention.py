@@ -169,10 +169,15 @@ def test_auto_takes_the_backends_fused_kernel_for_long_self_attention_only():
     kw = dict(kind="auto", block=4, auto_len=2)
     orig, attention.splash_attention = attention.splash_attention, fake_splash
     try:
-        attention.attend(q, k, v, mask, 0.3, sliding_window=5, backend="tpu", **kw)
+        with jax.set_mesh(jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])):
+            attention.attend(q, k, v, mask, 0.3, sliding_window=5, backend="tpu", **kw)
+        unsplit = attention.attend(q, k, v, mask, 0.3, sliding_window=5, backend="tpu", **kw)
     finally:
         attention.splash_attention = orig
     assert calls == [((B, 9, K, G, D), 5, 4)]
+    # Several devices and no mesh set: a Pallas kernel would be replicated, so blockwise.
+    assert jax.device_count() > 1
+    np.testing.assert_array_equal(unsplit, blockwise_attention(q, k, v, mask, 0.3, 4, 4))
     # cuDNN takes 16-bit inputs only: float32 on a GPU goes blockwise.
     got = attention.attend(q, k, v, mask, 0.3, backend="gpu", **kw)
     np.testing.assert_array_equal(got, blockwise_attention(q, k, v, mask, 0.3, 4, 4))

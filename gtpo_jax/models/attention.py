@@ -95,10 +95,12 @@ def attend(
 ) -> Float[Array, "B T K G D"]:
     """Attention by the path `choose` picks for these shapes. `sliding_window`: the model's window
     (0 = none), the only window other than "none" that `mask.window` may hold (the fused kernels
-    take static masks; the layer's flag picks one of two at run time). cuDNN needs 16-bit inputs:
-    float32 ones take the blockwise path."""
+    take static masks; the layer's flag picks one of two at run time). Splash on several devices
+    needs a mesh set by `jax.set_mesh` (it runs under `shard_map`), else blockwise; cuDNN needs
+    16-bit inputs: float32 ones take the blockwise path."""
     path = choose(kind, q.shape[1], k.shape[1], auto_len, backend)
-    if path == "splash":
+    # A Pallas kernel is not partitioned by XLA: on several devices it needs the mesh (shard_map).
+    if path == "splash" and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
         return splash_attention(q, k, v, mask, scale, sliding_window=sliding_window, block=block)
     if path == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
         return fused_attention(q, k, v, mask, scale, implementation="cudnn")
