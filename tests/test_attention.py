@@ -2,6 +2,8 @@
 padding, GQA, causal and sliding-window masks, lengths that are not multiples of the blocks, a
 KV cache; in the whole model too; and it holds far less temporary memory."""
 
+import re
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -229,3 +231,27 @@ def test_splash_under_a_mesh_runs_per_device_and_equals_dense():
         got = jax.jit(lambda q, k, v: splash_attention(q, k, v, mask, 0.3, interpret=True))(q, k, v)
     want = dense_attention(q, k, v, mask, 0.3)
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_under_a_mesh_each_device_computes_only_its_rows():
+    """`shard_rows`: with the weights split over fsdp and no mesh set, XLA computed the whole
+    batch on every device (the memory plan's finding); under `jax.set_mesh` each device holds
+    its eighth of the activations."""
+    from gtpo_jax.models.sharding import ModelDef, create_sharded, make_mesh
+
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    cfg = get_preset("tiny_qwen2")
+    model_def, params = ModelDef.of(cfg), nnx.to_pure_dict(nnx.state(create_sharded(cfg, mesh)))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    tokens = jax.device_put(jnp.ones((8, 256), jnp.int32), rows)
+    valid = jax.device_put(jnp.ones((8, 256), bool), rows)
+
+    def mlp_rows():
+        """Rows of the MLP's `[rows, intermediate]` activations in the per-device program."""
+        forward = jax.jit(lambda p, t, v: model_def.merge(p)(t, positions_from_valid(v), v)[0])
+        hlo = forward.lower(params, tokens, valid).compile().as_text()
+        return {int(n) for n in re.findall(rf"\[(\d+),{cfg.intermediate_size}\]", hlo)}
+
+    assert max(mlp_rows()) == 8 * 256  # every device: the whole batch
+    with jax.set_mesh(mesh):
+        assert max(mlp_rows()) == 256  # its own row
