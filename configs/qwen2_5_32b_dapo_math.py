@@ -4,9 +4,13 @@
         --config.model.checkpoint=/ckpt/Qwen2.5-32B \\
         --config.data.path=dapo_math_17k/train.jsonl --config.data.test_path=aime24/test.jsonl
 
-Everything as in `qwen2_5_7b_dapo_math.py` except the model, twice the gradient accumulation,
-and 4-way tensor parallelism: a v5p-128 slice or larger (float32 parameters plus AdamW state
-and gradients need about 0.5 TB of HBM).
+Everything as in `qwen2_5_7b_dapo_math.py` except the model and 4-way tensor parallelism: a
+v5p-128 slice (64 chips of 95 GiB; v5p-N counts TensorCores, two per chip), mesh fsdp 16 x
+tensor 4 (float32 parameters plus AdamW state and gradients need about 0.5 TB of HBM).
+`benchmarks/memory_plan.py` on 64 fake CPU devices (`benchmarks/results/
+memory_plan_qwen2_5_32b_v5p128.json`) puts the per-device peak at 69.4 GiB for a sampler call
+of 256 sequences (`--rollout_batch_size=256`), 37.0 GiB for the scoring pass (16 prompts per
+micro-batch: `micro_batches=32`) and 54.3 GiB for an update (1 prompt per micro-batch).
 """
 
 import importlib.util
@@ -21,6 +25,6 @@ LOSS_OVERRIDES = _base.LOSS_OVERRIDES
 def get_config():
     c = _base.get_config()
     c.model.update(preset="qwen2_5_32b", checkpoint="checkpoints/Qwen2.5-32B")
-    c.train.update(micro_batch_size=32, run_dir="runs/qwen2_5_32b_dapo_math")
+    c.train.update(micro_batch_size=16, run_dir="runs/qwen2_5_32b_dapo_math")
     c.mesh.update(data=1, fsdp=-1, tensor=4)
     return c

@@ -10,6 +10,15 @@ the last 4096 of 20480 response tokens, AdamW 1e-6 with 10 warm-up steps, 16 opt
 rollout batch of 512 prompts. `--config.loss.algorithm=grpo_s|dapo|grpo` swaps the algorithm and
 takes that algorithm's own recipe (clip range, aggregation, KL, dynamic sampling): this file sets
 only the loss fields in `LOSS_OVERRIDES`, which every algorithm shares.
+
+Planned for a v5p-32 slice: 16 chips (v5p-N counts TensorCores, two per chip; JAX sees one
+device per chip) of 95 GiB, FSDP over all 16. `benchmarks/memory_plan.py` (compiled on 16 fake
+CPU devices, `benchmarks/results/memory_plan_qwen2_5_7b_v5p32.json`) puts the per-device peak
+at 62.7 GiB for a sampler call of 256 sequences (16 prompts; `--rollout_batch_size=256`: the
+sampler must be called in such chunks, 8192 sequences of 22528 tokens would need a 10.6 TB
+KV cache), 66.5 GiB for the scoring pass (16 prompts per micro-batch: `micro_batches=32`) and
+32.2 GiB for an update (1 prompt, 16 sequences, per micro-batch; `remat`). The plan lowers
+under `jax.set_mesh`, so the model keeps its activations' rows on the batch axes.
 """
 
 from gtpo_jax.config import base_config
@@ -30,13 +39,13 @@ def get_config():
     c.data.update(source="jsonl", path="data/dapo_math_17k/train.jsonl", test_path="data/aime24/test.jsonl",
                   fields="dapo", max_prompt_tokens=2048,
                   prompt_suffix='\n\nRemember to put your answer on its own line after "Answer:".')  # fmt: skip
-    c.rollout.update(max_new_tokens=20480, temperature=1.0, top_p=1.0, prompt_buckets=(512, 1024, 2048),
+    c.rollout.update(max_new_tokens=20480, temperature=1.0, top_p=1.0, prompt_buckets=(512, 1024, 2048), batch_size=256,
                      max_refill_rounds=3)  # fmt: skip
     c.reward.update(name="dapo", num_workers=32, timeout_s=10.0)
     # G = 16 is every recipe's default; the rest of the loss is the algorithm's recipe.
     c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0)
     c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
-    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batch_size=64,
+    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batch_size=16,
                    run_dir="runs/qwen2_5_7b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip
     c.eval.update(every=20, num_prompts=30, samples=32, temperature=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -2,6 +2,8 @@
 padding, GQA, causal and sliding-window masks, lengths that are not multiples of the blocks, a
 KV cache; in the whole model too; and it holds far less temporary memory."""
 
+import re
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -146,3 +148,110 @@ def test_blockwise_temporary_memory_is_a_fraction_of_dense():
     dense = _temp_bytes(dense_attention, S)
     block = _temp_bytes(lambda *a: blockwise_attention(*a, 256, 256), S)
     assert block * 8 <= dense, (block, dense)
+
+
+def test_auto_takes_the_backends_fused_kernel_for_long_self_attention_only():
+    from gtpo_jax.models import attention
+
+    assert choose("auto", 4096, 4096, 2048, backend="tpu") == "splash"
+    assert choose("auto", 4096, 4096, 2048, backend="gpu") == "cudnn"
+    assert choose("auto", 4096, 4096, 2048, backend="cpu") == "blockwise"
+    assert choose("auto", 2048, 8192, 1024, backend="tpu") == "blockwise"  # a prefill into a cache
+    assert choose("auto", 1, 8192, 2048, backend="tpu") == "dense"  # a decoding step
+    assert choose("blockwise", 4096, 4096, 2048, backend="tpu") == "blockwise"  # an explicit kind stays
+    assert choose("auto", 4096, 4096, 2048) == "blockwise"  # this machine's backend: CPU
+    q, k, v, _ = _inputs(9, 9)
+    mask = Mask(jnp.arange(9), jnp.ones((B, 9), bool), jnp.int32(100))
+    calls = []
+
+    def fake_splash(q, k, v, mask, scale, *, sliding_window, block):
+        calls.append((q.shape, sliding_window, block))
+        return q
+
+    kw = dict(kind="auto", block=4, auto_len=2)
+    orig, attention.splash_attention = attention.splash_attention, fake_splash
+    try:
+        with jax.set_mesh(jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])):
+            attention.attend(q, k, v, mask, 0.3, sliding_window=5, backend="tpu", **kw)
+        unsplit = attention.attend(q, k, v, mask, 0.3, sliding_window=5, backend="tpu", **kw)
+    finally:
+        attention.splash_attention = orig
+    assert calls == [((B, 9, K, G, D), 5, 4)]
+    # Several devices and no mesh set: a Pallas kernel would be replicated, so blockwise.
+    assert jax.device_count() > 1
+    np.testing.assert_array_equal(unsplit, blockwise_attention(q, k, v, mask, 0.3, 4, 4))
+    # cuDNN takes 16-bit inputs only: float32 on a GPU goes blockwise.
+    got = attention.attend(q, k, v, mask, 0.3, backend="gpu", **kw)
+    np.testing.assert_array_equal(got, blockwise_attention(q, k, v, mask, 0.3, 4, 4))
+
+
+def _splash_case(T, window, sliding, left_pad=37, seed=0):
+    q, k, v, dout = _inputs(T, T, seed)
+    valid = jnp.arange(T)[None, :] >= jnp.array([[0], [left_pad]])
+    return (q, k, v, dout), valid, Mask(jnp.arange(T), valid, jnp.int32(window))
+
+
+@pytest.mark.parametrize("T,window,sliding", [(200, 10**6, 0), (200, 40, 40), (256, 10**6, 40)])
+def test_splash_kernel_in_interpret_mode_equals_dense_on_real_rows(T, window, sliding):
+    """Causal, sliding window (the layer's flag picks it), GQA, left padding, a length that is
+    not a multiple of the 128-slot blocks; values and gradients."""
+    from gtpo_jax.models.attention import splash_attention
+
+    (q, k, v, dout), valid, mask = _splash_case(T, window, sliding)
+    real = valid[:, :, None, None, None]
+    splash = lambda q, k, v: splash_attention(q, k, v, mask, 0.3, sliding_window=sliding, interpret=True)  # noqa: E731
+    dense = lambda q, k, v: dense_attention(q, k, v, mask, 0.3)  # noqa: E731
+    loss = lambda f: lambda *qkv: jnp.sum(jnp.where(real, f(*qkv), 0.0) * dout)  # noqa: E731
+    run = lambda f: jax.jit(lambda *qkv: (f(*qkv), jax.grad(loss(f), argnums=(0, 1, 2))(*qkv)))(q, k, v)  # noqa: E731
+    (value, got), (want_value, want) = run(splash), run(dense)
+    np.testing.assert_allclose(np.asarray(value)[valid], np.asarray(want_value)[valid], atol=1e-5, rtol=1e-5)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_fused_attention_mask_layout_equals_dense():
+    """The GPU path's layout and mask, run with XLA's implementation (cuDNN needs a GPU)."""
+    from gtpo_jax.models.attention import fused_attention
+
+    (q, k, v, _), valid, mask = _splash_case(50, 7, 7, left_pad=9)
+    got = fused_attention(q, k, v, mask, 0.3, implementation="xla")
+    want = dense_attention(q, k, v, mask, 0.3)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_splash_under_a_mesh_runs_per_device_and_equals_dense():
+    from gtpo_jax.models.attention import splash_attention
+    from gtpo_jax.models.sharding import make_mesh
+
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    q, k, v, _ = (jnp.concatenate([x] * 2) for x in _inputs(130, 130))  # 4 rows, 2 KV heads
+    valid = jnp.arange(130)[None, :] >= jnp.array([[0], [5], [60], [0]])
+    mask = Mask(jnp.arange(130), valid, jnp.int32(1000))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: splash_attention(q, k, v, mask, 0.3, interpret=True))(q, k, v)
+    want = dense_attention(q, k, v, mask, 0.3)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_under_a_mesh_each_device_computes_only_its_rows():
+    """`shard_rows`: with the weights split over fsdp and no mesh set, XLA computed the whole
+    batch on every device (the memory plan's finding); under `jax.set_mesh` each device holds
+    its eighth of the activations."""
+    from gtpo_jax.models.sharding import ModelDef, create_sharded, make_mesh
+
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    cfg = get_preset("tiny_qwen2")
+    model_def, params = ModelDef.of(cfg), nnx.to_pure_dict(nnx.state(create_sharded(cfg, mesh)))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    tokens = jax.device_put(jnp.ones((8, 256), jnp.int32), rows)
+    valid = jax.device_put(jnp.ones((8, 256), bool), rows)
+
+    def mlp_rows():
+        """Rows of the MLP's `[rows, intermediate]` activations in the per-device program."""
+        forward = jax.jit(lambda p, t, v: model_def.merge(p)(t, positions_from_valid(v), v)[0])
+        hlo = forward.lower(params, tokens, valid).compile().as_text()
+        return {int(n) for n in re.findall(rf"\[(\d+),{cfg.intermediate_size}\]", hlo)}
+
+    assert max(mlp_rows()) == 8 * 256  # every device: the whole batch
+    with jax.set_mesh(mesh):
+        assert max(mlp_rows()) == 256  # its own row

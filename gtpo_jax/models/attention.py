@@ -16,9 +16,12 @@ recomputes each block's probabilities, in two passes (`dq` over key blocks, `dk`
 query blocks). Sequence lengths need not be multiples of the blocks: the tail is padded with
 keys that take no part in the softmax. Memory is `O(T * H * D)`, not `O(T * S)`.
 
-`choose(kind, T, S, auto_len)` picks the path: "dense", "blockwise", or "auto" = blockwise when
-`T * S > auto_len**2` (training, scoring and long prefills; one-token decoding stays dense,
-its scores are `[1, S]` per head).
+`choose(kind, T, S, auto_len)` picks the path: "dense", "blockwise", or "auto" = dense when
+`T * S <= auto_len**2` (one-token decoding: its scores are `[1, S]` per head), else, for
+self-attention without a cache (training and scoring), the backend's fused kernel: Pallas splash
+attention on TPU (`splash_attention`: left padding as segment ids, causal or sliding-window
+masks, GQA), cuDNN's on GPU (`fused_attention`, 16-bit inputs); the blockwise path for long
+prefills into a cache, on CPU, and where a kernel cannot take the inputs (float32 on GPU).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 KINDS = ("dense", "blockwise", "auto")
@@ -40,13 +44,22 @@ class Mask(NamedTuple):
     window: Int[Array, ""]  # keys a query sees, itself included; > S for full attention
 
 
-def choose(kind: str, queries: int, keys: int, auto_len: int) -> str:
-    """ "dense" or "blockwise" for `queries` x `keys` scores under the configured `kind`."""
+# The fused kernel "auto" takes for long self-attention on each backend (the rest: blockwise).
+BACKEND_KERNELS = {"tpu": "splash", "gpu": "cudnn"}
+
+
+def choose(kind: str, queries: int, keys: int, auto_len: int, backend: str | None = None) -> str:
+    """The path for `queries` x `keys` scores under the configured `kind`: "dense", "blockwise",
+    or (auto only, long self-attention: `queries == keys`, no cache) the backend's fused kernel,
+    "splash" on TPU and "cudnn" on GPU. `backend` defaults to `jax.default_backend()`."""
     if kind not in KINDS:
         raise ValueError(f"model.attention={kind!r}: expected one of {', '.join(KINDS)}")
-    if kind == "auto":
-        return "blockwise" if queries * keys > auto_len * auto_len else "dense"
-    return kind
+    if kind != "auto":
+        return kind
+    if queries * keys <= auto_len * auto_len:
+        return "dense"
+    backend = backend or jax.default_backend()
+    return BACKEND_KERNELS.get(backend, "blockwise") if queries == keys else "blockwise"
 
 
 def allowed(query_slots: Array, key_slots: Array, keys_valid: Array, window: Array) -> Bool[Array, "B 1 1 T S"]:
@@ -68,10 +81,30 @@ def dense_attention(
 
 
 def attend(
-    q: Array, k: Array, v: Array, mask: Mask, scale: float, *, kind: str, block: int, auto_len: int
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Mask,
+    scale: float,
+    *,
+    kind: str,
+    block: int,
+    auto_len: int,
+    sliding_window: int = 0,
+    backend: str | None = None,
 ) -> Float[Array, "B T K G D"]:
-    """Dense or blockwise attention as `choose` decides for these shapes."""
-    if choose(kind, q.shape[1], k.shape[1], auto_len) == "dense":
+    """Attention by the path `choose` picks for these shapes. `sliding_window`: the model's window
+    (0 = none), the only window other than "none" that `mask.window` may hold (the fused kernels
+    take static masks; the layer's flag picks one of two at run time). Splash on several devices
+    needs a mesh set by `jax.set_mesh` (it runs under `shard_map`), else blockwise; cuDNN needs
+    16-bit inputs: float32 ones take the blockwise path."""
+    path = choose(kind, q.shape[1], k.shape[1], auto_len, backend)
+    # A Pallas kernel is not partitioned by XLA: on several devices it needs the mesh (shard_map).
+    if path == "splash" and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
+        return splash_attention(q, k, v, mask, scale, sliding_window=sliding_window, block=block)
+    if path == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return fused_attention(q, k, v, mask, scale, implementation="cudnn")
+    if path == "dense":
         return dense_attention(q, k, v, mask, scale)
     return blockwise_attention(q, k, v, mask, scale, block, block)
 
@@ -249,3 +282,110 @@ def blockwise_attention(
     accumulator) and a recomputing backward; equal to `dense_attention` up to rounding."""
     bq, bk = max(1, min(block_q, q.shape[1])), max(1, min(block_k, k.shape[1]))
     return _blockwise(q, k, v, mask, float(scale), bq, bk)
+
+
+# ---- fused kernels -------------------------------------------------------------------------------
+
+
+def fused_attention(
+    q: Float[Array, "B T K G D"], k: Array, v: Array, mask: Mask, scale: float, *, implementation: str
+) -> Float[Array, "B T K G D"]:
+    """`jax.nn.dot_product_attention` ("cudnn" on GPU; "xla" elsewhere, for tests) with the mask
+    as a boolean `[B, 1, T, S]` array (cuDNN's sequence lengths cannot express left padding)."""
+    B, T, K, G, D = q.shape
+    keep = allowed(mask.query_slots, jnp.arange(k.shape[1]), mask.keys_valid, mask.window)[:, :, 0]
+    out = jax.nn.dot_product_attention(
+        q.reshape(B, T, K * G, D), k, v, mask=keep, scale=scale, implementation=implementation
+    )
+    return out.reshape(B, T, K, G, D)
+
+
+def _splash_kernel(heads: int, length: int, window: int, block: int, interpret: bool):
+    """A splash-attention kernel for `heads` heads over `length` slots: causal, and within
+    `window` keys when `window > 0` (query `t` sees keys `(t - window, t]`)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    shape = (length, length)
+    one = sm.LocalMask(shape, (window - 1, 0), 0) if window else sm.CausalMask(shape)
+    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block)
+    sizes |= dict(block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    blocks = sk.BlockSizes(**sizes)
+    mha = sm.MultiHeadMask([one] * heads)
+    kernel = sk.make_splash_mha(mha, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return kernel, sk.SegmentIds
+
+
+def _splash_shard(q, k, v, segments, window, scale, sliding_window, block, interpret):
+    """Splash attention on one device's rows: `q [B, T, K, G, D]`, segments `[B, T]`."""
+    B, T, K, G, D = q.shape
+    causal, SegmentIds = _splash_kernel(K * G, T, 0, block, interpret)
+
+    def run(kernel):
+        def one(qb, kb, vb, sb):
+            heads = lambda x: jnp.transpose(x.reshape(T, -1, D), (1, 0, 2))  # noqa: E731
+            return kernel(heads(qb * scale), heads(kb), heads(vb), segment_ids=SegmentIds(sb, sb))
+
+        return lambda: jax.vmap(one)(q, k, v, segments)
+
+    if not sliding_window:
+        out = run(causal)()
+    else:
+        local, _ = _splash_kernel(K * G, T, sliding_window, block, interpret)
+        out = jax.lax.cond(window <= sliding_window, run(local), run(causal))
+    return jnp.transpose(out, (0, 2, 1, 3)).reshape(B, T, K, G, D).astype(v.dtype)
+
+
+def splash_attention(
+    q: Float[Array, "B T K G D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K D"],
+    mask: Mask,
+    scale: float,
+    *,
+    sliding_window: int = 0,
+    block: int = 512,
+    interpret: bool = False,
+) -> Float[Array, "B T K G D"]:
+    """Self-attention (query slot t = key slot t, no cache) with the Pallas TPU splash kernel.
+
+    Left padding becomes segment ids (real tokens 1, padding 0): a real query sees only real
+    keys, as in `dense_attention`; padded query rows see padded keys and hold other (finite)
+    values than the dense path's, never read. `mask.window` is either `sliding_window` or
+    wider than the sequence. The length is padded to whole blocks of a multiple of 128. Under
+    `jax.set_mesh` the kernel runs per device (`shard_map`) over the rows split on the batch
+    axes and the key-value heads split on `tensor` where they divide. `interpret=True` runs the
+    kernel in the Pallas interpreter (CPU tests)."""
+    B, T = q.shape[:2]
+    block = max(128, min(block, -(-T // 128) * 128) // 128 * 128)
+    length = -(-T // block) * block
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, length - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    segments = pad(mask.keys_valid.astype(jnp.int32))
+    args = (pad(q), pad(k), pad(v), segments, mask.window)
+    fn = functools.partial(_splash_shard, scale=scale, sliding_window=sliding_window, block=block, interpret=interpret)
+    specs = _splash_specs(B, k.shape[2])
+    if specs is not None:
+        fn = jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)
+    return fn(*args)[:, :T]
+
+
+def _splash_specs(rows: int, kv_heads: int) -> tuple | None:
+    """shard_map specs of (q, k, v, segments, window) on the mesh set by `jax.set_mesh`, or None."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    batch = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    width = int(np.prod([mesh.shape[a] for a in batch])) if batch else 1
+    rows_axes = batch if batch and rows % width == 0 else None
+    tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 and kv_heads % mesh.shape["tensor"] == 0 else None
+    if rows_axes is None and tensor is None:
+        return None
+    return (
+        P(rows_axes, None, tensor, None, None),
+        P(rows_axes, None, tensor, None),
+        P(rows_axes, None, tensor, None),
+        P(rows_axes, None),
+        P(),
+    )

@@ -159,6 +159,26 @@ class KVCache(NamedTuple):
         return cls(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split rows (models/sharding.py DEFAULT_RULES["batch"])
+
+
+def shard_rows(x: Array, axis: int = 0) -> Array:
+    """`x` with dimension `axis` (its rows) split over the batch axes of the mesh set by
+    `jax.set_mesh`, when they divide it; unchanged without a mesh. Without this, XLA's sharding
+    propagation lets the FSDP-sharded embedding dimension of the weights win over the batch, and
+    every device computes the whole batch's activations (full `[B, T, mlp]` buffers per device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if not mesh.empty and mesh.shape.get(a, 1) > 1)
+    width = 1
+    for a in axes:
+        width *= mesh.shape[a]
+    if not axes or x.shape[axis] % width:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = axes
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str, init: str) -> nnx.Param:
     return _param_from(rngs.params(), shape, axes, dtype, init)
 
@@ -298,8 +318,8 @@ class Attention(nnx.Module):
         else:
             new_cache = None
         scale = cfg.query_pre_attn_scalar**-0.5
-        kind, block, auto_len = cfg.attention, cfg.attention_block, cfg.attention_auto_len
-        out = attend(q.reshape(B, T, K, G, D), k, v, mask, scale, kind=kind, block=block, auto_len=auto_len)
+        kinds = dict(kind=cfg.attention, block=cfg.attention_block, auto_len=cfg.attention_auto_len)
+        out = attend(q.reshape(B, T, K, G, D), k, v, mask, scale, sliding_window=cfg.sliding_window, **kinds)
         return self.o(out.reshape(B, T, K * G * D), _fold(key, 3)), new_cache
 
 
@@ -381,7 +401,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)
         if cfg.scale_embeddings:  # in the parameter dtype, as HF does
             x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
-        x = x.astype(jnp.dtype(cfg.dtype))
+        x = shard_rows(x.astype(jnp.dtype(cfg.dtype)))
         if cache is None:
             keys_valid, write_at = valid, jnp.zeros((), jnp.int32)
         else:
@@ -401,7 +421,8 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, layer_params)
             mask = Mask(query_slots, keys_valid, jnp.where(is_sliding, cfg.sliding_window, no_window))
             inv_freq = inv_freqs[is_sliding.astype(jnp.int32)]
-            return block(x, positions, inv_freq, mask, layer_cache, write_at, key)
+            x, layer_cache = block(shard_rows(x), positions, inv_freq, mask, layer_cache, write_at, key)
+            return shard_rows(x), layer_cache
 
         step = jax.checkpoint(layer) if cfg.remat else layer
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)

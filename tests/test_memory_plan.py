@@ -1,0 +1,73 @@
+"""benchmarks/memory_plan.py compiles the three phases of a step on 4 fake devices and prints one
+JSON line per phase whose bytes add up, whose arguments hold the parameter shards, and whose
+predicted time follows from the analytic FLOPs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"per_device_bytes", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "fits", "hbm_gib"}
+KEYS |= {"xla_flops", "analytic_flops", "predicted_seconds", "calls_per_step", "compile_seconds", "mesh", "shapes"}
+
+
+@pytest.fixture(scope="module")
+def records():
+    args = [sys.executable, str(ROOT / "benchmarks/memory_plan.py"), f"--config={ROOT / 'configs/default.py'}"]
+    args += ["--devices=4", "--hbm_gib=0.004", "--rollout_batch_size=64", "--config.train.micro_batches=2"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {r["phase"]: r for r in map(json.loads, out.stdout.splitlines())}
+
+
+def test_one_line_per_phase_with_every_field(records):
+    assert list(records) == ["rollout", "score", "update"]
+    for r in records.values():
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+def test_bytes_add_up_and_fits_compares_with_the_hbm(records):
+    for r in records.values():
+        total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+        assert r["per_device_bytes"] == total > 0
+        assert r["fits"] == (total <= 0.004 * 2**30)
+    # The tiny model's sampler fits in 4 MiB, its update (three copies of the parameters and more) does not.
+    assert records["rollout"]["fits"] and not records["update"]["fits"]
+
+
+def test_arguments_hold_a_quarter_of_the_parameters(records):
+    r = records["rollout"]
+    params, whole = r["param_bytes_per_device"], r["params"] * 4  # float32
+    # Split 4 ways over fsdp (a few small ones, the norms, replicated).
+    assert whole / 4 <= params < whole / 4 * 1.05
+    assert params <= r["argument_bytes"] < params * 1.05  # plus the prompts and the key
+    # The update's arguments are the parameters and AdamW's two moments, and the mini-batch.
+    assert 3 * params <= records["update"]["argument_bytes"] < 3 * params * 1.2
+
+
+def test_shapes_follow_the_config_and_flags(records):
+    s = records["rollout"]["shapes"]
+    assert s == {
+        "group_size": 8,
+        "prompt_len": 16,
+        "response_len": 5,
+        "rollout_prompts": 8,  # 64 sequences per sampler call / G
+        "rollout_calls": 2,  # 16 prompts x 8 / 64
+        "score_prompts": 16,
+        "update_calls": 1,
+    }
+    assert records["update"]["micro_batches"] == 2
+
+
+def test_predicted_seconds_are_the_analytic_flops_at_the_stated_mfu(records):
+    for r in records.values():
+        want = r["calls_per_step"] * r["analytic_flops"] / (4 * r["peak_tflops"] * 1e12 * r["mfu"])
+        assert r["predicted_seconds"] == pytest.approx(want, rel=1e-3)
+    # XLA counts each loop body once: the decode loop's work is far above its count.
+    assert records["rollout"]["analytic_flops"] > 4 * records["rollout"]["xla_flops"]
