@@ -10,7 +10,9 @@ tensor 4 (float32 parameters plus AdamW state and gradients need about 0.5 TB of
 `benchmarks/memory_plan.py` on 64 fake CPU devices (`benchmarks/results/
 memory_plan_qwen2_5_32b_v5p128.json`) puts the per-device peak at 69.4 GiB for a sampler call
 of 256 sequences (`--rollout_batch_size=256`), 37.0 GiB for the scoring pass (16 prompts per
-micro-batch: `micro_batches=32`) and 54.3 GiB for an update (1 prompt per micro-batch).
+chunk, planned before `train.micro_batch_size` replaced `micro_batches`) and 54.3 GiB for
+an update (1 prompt per micro-batch).
+NOT fitting on the current code: see `qwen2_5_7b_dapo_math.py` (micro-batch padding by prompt).
 """
 
 import importlib.util

@@ -16,9 +16,13 @@ device per chip) of 95 GiB, FSDP over all 16. `benchmarks/memory_plan.py` (compi
 CPU devices, `benchmarks/results/memory_plan_qwen2_5_7b_v5p32.json`) puts the per-device peak
 at 62.7 GiB for a sampler call of 256 sequences (16 prompts; `--rollout_batch_size=256`: the
 sampler must be called in such chunks, 8192 sequences of 22528 tokens would need a 10.6 TB
-KV cache), 66.5 GiB for the scoring pass (16 prompts per micro-batch: `micro_batches=32`) and
+KV cache), 66.5 GiB for the scoring pass (16 prompts per
+chunk, planned before `train.micro_batch_size` replaced `micro_batches`) and
 32.2 GiB for an update (1 prompt, 16 sequences, per micro-batch; `remat`). The plan lowers
 under `jax.set_mesh`, so the model keeps its activations' rows on the batch axes.
+NOT fitting on the current code: micro-batches are padded to whole prompts per device, so the
+update's 16-sequence micro-batch becomes 16 prompts on 16 devices (the 7B update re-planned at
+363.8 GiB, README "Memory plan of the paper's configs"); open in issue 17.
 """
 
 from gtpo_jax.config import base_config
