@@ -116,14 +116,18 @@ def plot_grid(root: str | Path, results: list[dict]) -> list[Path]:
     k = next((key[4:] for key in results[0]["final"] if key.startswith("avg@")), "1") if results else "1"
     # One figure each, one panel per metric, one line per variant (mean over seeds, band over seeds).
     figures = {
-        "accuracy": [("sampled_responses", "eval/greedy_pass@1", "held-out greedy pass@1"),
-                     ("sampled_responses", f"eval/avg@{k}", f"held-out avg@{k} (temperature 1)")],
+        "accuracy": [
+            ("sampled_responses", "eval/greedy_pass@1", "held-out greedy pass@1"),
+            ("sampled_responses", f"eval/avg@{k}", f"held-out avg@{k} (temperature 1)"),
+        ],
         "entropy": [("step", "entropy_pos", "entropy of O+ tokens"), ("step", "entropy_neg", "entropy of O- tokens")],
         "length": [("step", "len_mean", "mean response length (tokens)")],
-        "signs": [("step", "wrong_sign_pos", "wrong-sign fraction, O+"),
-                  ("step", "wrong_sign_neg", "wrong-sign fraction, O-"),
-                  ("step", "shaping_delta", "|A - A unshaped| (shaping is live)")],
-    }  # fmt: skip
+        "signs": [
+            ("step", "wrong_sign_pos", "wrong-sign fraction, O+"),
+            ("step", "wrong_sign_neg", "wrong-sign fraction, O-"),
+            ("step", "shaping_delta", "|A - A unshaped| (shaping is live)"),
+        ],
+    }
     out, written = root / "plots", []
     out.mkdir(parents=True, exist_ok=True)
     for name, panels in figures.items():
