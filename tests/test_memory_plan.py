@@ -18,7 +18,7 @@ KEYS |= {"xla_flops", "analytic_flops", "predicted_seconds", "calls_per_step", "
 @pytest.fixture(scope="module")
 def records():
     args = [sys.executable, str(ROOT / "benchmarks/memory_plan.py"), f"--config={ROOT / 'configs/default.py'}"]
-    args += ["--devices=4", "--hbm_gib=0.004", "--rollout_batch_size=64", "--config.train.micro_batches=2"]
+    args += ["--devices=4", "--hbm_gib=0.004", "--rollout_batch_size=64", "--config.train.micro_batch_size=64"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"PYTHONPATH": str(ROOT)}
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_shapes_follow_the_config_and_flags(records):
         "score_prompts": 16,
         "update_calls": 1,
     }
-    assert records["update"]["micro_batches"] == 2
+    assert records["update"]["micro_batch_size"] == 64
 
 
 def test_predicted_seconds_are_the_analytic_flops_at_the_stated_mfu(records):
