@@ -434,7 +434,8 @@ def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path,
         for buckets in (4, 1):
             cfg = dataclasses.replace(trainer.cfg, train=replace(trainer.cfg.train, length_buckets=buckets))
             run = build(cfg, trainer.built.mesh, train=True)
-            groups, loss_batch, _ = loss_inputs(run, params, None, short, verdicts(short, **rule))
+            # The reference is the starting policy, as at step 1 (GRPO's KL needs its log-probs).
+            groups, loss_batch, _ = loss_inputs(run, params, params, short, verdicts(short, **rule))
             state = init_state(params, run.optimizer, 0, mesh=run.mesh)
             state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
             results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))
