@@ -48,7 +48,13 @@ final evaluation (`eval.samples=16`):
   427 s under the background jobs.
 
 Chosen (shared by every variant, on DAPO's r7): lr 2e-4 constant, G = 16, 16 prompts a step, one
-update per rollout, a budget of 40960 sampled responses. No other variant was run before the grid.
+update per rollout. No other variant was run before the grid.
+
+The first grid (40960 responses, `eval.every=20` steps) took 479-496 s per GRPO run: GRPO updates
+on every rollout (160 steps), DAPO-style variants only on informative groups (~87 steps), and the
+step cadence gave GRPO twice the evaluations. The grid now evaluates every 8192 sampled responses
+(`eval.every_responses`: the same x for every variant) and stops at 32768 responses (128 GRPO
+steps, ~70 DAPO steps), so each run fits 6 minutes.
 """
 
 from gtpo_jax.config import base_config
@@ -70,7 +76,7 @@ def get_config():
     c.optim.update(learning_rate=2e-4, warmup_steps=0, max_grad_norm=1.0)
     c.warmup.update(steps=700, batch_size=64, learning_rate=3e-3)
     c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
-    c.train.max_sampled_responses = 160 * 16 * 16  # 40960: ~87 DAPO steps with refills, ~4.5 min
-    c.eval.update(every=20, num_prompts=200, samples=16, temperature=1.0, greedy=True)
+    c.train.max_sampled_responses = 128 * 16 * 16  # 32768: 128 GRPO steps, ~70 DAPO steps with refills
+    c.eval.update(every_responses=8192, num_prompts=200, samples=16, temperature=1.0, greedy=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # every local device along fsdp
     return c

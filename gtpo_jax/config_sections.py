@@ -436,6 +436,9 @@ class EvalSection(Section):
     _name = "eval"
     # Evaluate on held-out prompts every N steps (0 = only at start and end).
     every: int = 0
+    # Or each time the run's sampled responses (refills included) pass a multiple of N (0 = off;
+    # exclusive with `every`): the same x for algorithms that sample different amounts per step.
+    every_responses: int = 0
     # Held-out prompts, and samples per prompt (k of pass@k / avg@k).
     num_prompts: int = 128
     samples: int = 4
@@ -447,6 +450,12 @@ class EvalSection(Section):
 
     def _validate(self) -> None:
         self._at_least(0, "every", why=" (0 = only at start and end)")
+        self._at_least(0, "every_responses", why=" (0 = off)")
+        self._check(
+            not (self.every and self.every_responses),
+            "every_responses",
+            f"and eval.every={self.every} are both set: choose one cadence (steps or responses)",
+        )
         self._at_least(1, "num_prompts", "samples")
         self._at_least(0, "temperature", why=" (0 = greedy)")
 

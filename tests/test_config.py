@@ -169,6 +169,7 @@ BAD_VALUES = [
     ("train", "log_every", 0, "must be >= 1"),
     ("train", "stop_after", -1, "must be >= 0 (0 = no limit)"),
     ("eval", "every", -1, "must be >= 0 (0 = only at start and end)"),
+    ("eval", "every_responses", -1, "must be >= 0 (0 = off)"),
     ("eval", "num_prompts", 0, "must be >= 1"),
     ("eval", "samples", 0, "must be >= 1"),
     ("eval", "temperature", -1.0, "must be >= 0 (0 = greedy)"),
@@ -195,6 +196,9 @@ def test_checks_that_span_fields_name_the_field_to_change():
             from_dict(values)
         return str(e.value)
 
+    assert error({"eval": {"every": 5, "every_responses": 4096}}) == (
+        "eval.every_responses=4096: and eval.every=5 are both set: choose one cadence (steps or responses)"
+    )
     assert error({"data": {"source": "jsonl"}}) == (
         "data.path='': data.source='jsonl' needs data.path (a file, or the tfds builder name)"
     )

@@ -128,6 +128,20 @@ def rounds_left(cfg: Config, sampled: int) -> int | None:
     return max(t.max_sampled_responses - sampled, 0) // (t.prompts_per_step * cfg.loss.group_size)
 
 
+def eval_due(cfg: Config, step: int, record: dict[str, float], rounds_left: int | None) -> bool:
+    """Whether a periodic evaluation follows this step: every `eval.every` steps, or when the
+    sampled responses pass a multiple of `eval.every_responses`; never at the run's last step (the
+    final evaluation covers it)."""
+    e = cfg.eval
+    if step >= cfg.train.steps or rounds_left == 0:
+        return False
+    if e.every_responses:
+        now = int(record["sampled_responses"])
+        before = now - int(record["prompts_sampled"]) * cfg.loss.group_size
+        return now // e.every_responses > before // e.every_responses
+    return bool(e.every) and step % e.every == 0
+
+
 def _changes(start: dict[str, float], final: dict[str, float], step: int) -> list[str]:
     """`held-out avg@k: a% at the start -> b% after N steps (+c points)` (and greedy pass@1)."""
     keys = [k for k in final if (k.startswith("avg@") or k == "greedy_pass@1") and k in start]
@@ -249,7 +263,7 @@ class Trainer:
         cfg, step = self.cfg, int(self.state.step)
         why = "SIGTERM" if record is None else ""  # preempted after the rollout: no update was made
         if record is not None:
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            if eval_due(cfg, step, record, self._rounds_left()):
                 record.update(_prefixed(self.evaluate()))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 self.metrics.write(step, record)
