@@ -209,14 +209,125 @@ def test_splash_kernel_in_interpret_mode_equals_dense_on_real_rows(T, window, sl
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
-def test_fused_attention_mask_layout_equals_dense():
-    """The GPU path's layout and mask, run with XLA's implementation (cuDNN needs a GPU)."""
-    from gtpo_jax.models.attention import fused_attention
+def _spy_on_dot_product_attention(monkeypatch, T):
+    """Record the keyword arguments of each `jax.nn.dot_product_attention` call and run it with
+    XLA's implementation (cuDNN needs a GPU); fail on a mask, a bias or any `[T, T]` array."""
+    real, calls = jax.nn.dot_product_attention, []
 
-    (q, k, v, _), valid, mask = _splash_case(50, 7, 7, left_pad=9)
-    got = fused_attention(q, k, v, mask, 0.3, implementation="xla")
-    want = dense_attention(q, k, v, mask, 0.3)
-    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=1e-5, rtol=1e-5)
+    def spy(query, key, value, bias=None, mask=None, **kw):
+        assert mask is None and bias is None, "a dense [T, S] mask or bias reached the fused kernel"
+        for x in (query, key, value, *kw.values()):
+            assert not (hasattr(x, "shape") and x.shape[-2:] == (T, T)), ("a [T, S] array", x.shape)
+        calls.append({name: kw[name] for name in ("is_causal", "local_window_size", "implementation")})
+        up = (x.astype(jnp.float32) for x in (query, key, value))  # XLA on CPU: no float16 dots
+        return real(*up, **(kw | {"implementation": "xla"})).astype(query.dtype)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    return calls
+
+
+def _padded_spans(T):
+    """Row 0 unpadded, row 1 left-padded by 9, row 2 left-padded by 4 and right-padded by 11 (a
+    prompt and a short response), row 3 all padding."""
+    slots = jnp.arange(T)[None, :]
+    return (slots >= jnp.array([[0], [9], [4], [T]])) & (slots < jnp.array([[T], [T], [T - 11], [T]]))
+
+
+# (window, model's sliding_window, the branch `fused_plan` must take: 1 causal, 2 sliding)
+FUSED_CASES = [(10**6, 0, 1), (7, 7, 2), (10**6, 7, 1)]
+
+
+@pytest.mark.parametrize("window,sliding,branch", FUSED_CASES)
+def test_gpu_dispatch_passes_no_mask_and_equals_dense_with_left_padding(monkeypatch, window, sliding, branch):
+    """The GPU path (`attend` on backend "gpu", 16-bit inputs): causal + sequence lengths +
+    local window, values and gradients equal to dense attention on the real rows, GQA."""
+    from gtpo_jax.models.attention import attend, fused_plan
+
+    T = 50
+    calls = _spy_on_dot_product_attention(monkeypatch, T)
+    q, k, v, dout = (x.astype(jnp.float16) for x in _inputs(T, T))
+    q, k, v, dout = (jnp.concatenate([x] * 2) for x in (q, k, v, dout))  # 4 rows
+    valid = _padded_spans(T)
+    mask = Mask(jnp.arange(T), valid, jnp.int32(window))
+    real = valid[:, :, None, None, None]
+
+    def fused(*qkv):
+        return attend(*qkv, mask, 0.3, kind="auto", block=16, auto_len=8, sliding_window=sliding, backend="gpu")
+
+    dense = lambda *qkv: dense_attention(*(x.astype(jnp.float32) for x in qkv), mask, 0.3)  # noqa: E731
+    loss = lambda f: lambda *qkv: jnp.sum(jnp.where(real, f(*qkv), 0.0).astype(jnp.float32) * dout)  # noqa: E731
+    run = lambda f: jax.jit(lambda *qkv: (f(*qkv), jax.grad(loss(f), argnums=(0, 1, 2))(*qkv)))(q, k, v)  # noqa: E731
+    (value, got), (want_value, want) = run(fused), run(dense)
+    assert calls and all(c["is_causal"] and c["implementation"] == "cudnn" for c in calls)
+    assert {c["local_window_size"] for c in calls} == ({None, (sliding - 1, 0)} if sliding else {None})
+    assert int(fused_plan(mask, T, sliding)[0]) == branch  # the kernel, not the blockwise fallback
+    np.testing.assert_allclose(
+        np.asarray(value, np.float32)[valid], np.asarray(want_value, np.float32)[valid], atol=2e-3, rtol=2e-3
+    )
+    for name, g, w in zip("qkv", got, want, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), atol=1e-2, rtol=1e-2, err_msg=f"d{name}"
+        )
+
+
+def test_fused_attention_equals_dense_in_float32_and_takes_blockwise_when_not_exact(monkeypatch):
+    """To 1e-5 in float32 (XLA's implementation); a row whose valid slots are not one span, or
+    query slots that are not 0..T-1, take the blockwise path at run time (the roll would be wrong)."""
+    from gtpo_jax.models.attention import fused_attention, fused_plan
+
+    T = 40
+    _spy_on_dot_product_attention(monkeypatch, T)
+    q, k, v, _ = (jnp.concatenate([x] * 2) for x in _inputs(T, T))
+    spans = _padded_spans(T)
+    holes = spans.at[0, 20:23].set(False)  # row 0: a hole in the middle
+    arange = jnp.arange(T)
+    cases = [(spans, arange, 7, 2), (spans, arange, 10**6, 1), (holes, arange, 7, 0), (spans, 3 + arange, 7, 0)]
+    for valid, slots, window, branch in cases:
+        mask = Mask(slots, valid, jnp.int32(window))
+        assert int(fused_plan(mask, T, 7)[0]) == branch
+        fused = lambda q, k, v, m: fused_attention(q, k, v, m, 0.3, implementation="xla", sliding_window=7, block=16)  # noqa: E731
+        got = jax.jit(fused)(q, k, v, mask)
+        want = dense_attention(q, k, v, mask, 0.3)
+        rows = valid & (slots < T)[None, :]
+        np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_splash_dispatch_on_a_four_device_mesh():
+    """Splash only where it runs per device: rows split over fsdp, or heads over tensor; a mesh
+    that splits neither (2 rows on 4 fsdp devices, 2 KV heads, no tensor axis) takes the blockwise
+    path, and `splash_attention` itself refuses it rather than run on the global arrays."""
+    from gtpo_jax.models import attention
+    from gtpo_jax.models.attention import splash_attention, splash_fits
+    from gtpo_jax.models.sharding import make_mesh
+
+    four = jax.devices()[:4]
+    assert splash_fits(2, 2) is False  # 8 devices, no mesh set
+    with jax.set_mesh(make_mesh(data=1, fsdp=4, tensor=1, devices=four)):
+        assert splash_fits(4, 2) and splash_fits(8, 2) and not splash_fits(2, 2) and not splash_fits(6, 2)
+    with jax.set_mesh(make_mesh(data=1, fsdp=2, tensor=2, devices=four)):
+        assert splash_fits(3, 2) and splash_fits(2, 1) and not splash_fits(3, 1)
+    with jax.set_mesh(make_mesh(data=1, fsdp=1, tensor=1, devices=four[:1])):
+        assert splash_fits(3, 1)  # one device: the kernel on the whole arrays is its own shard
+
+    q, k, v, _ = _inputs(9, 9)  # B = 2 rows, 2 KV heads
+    mask = Mask(jnp.arange(9), jnp.ones((B, 9), bool), jnp.int32(100))
+    calls = []
+    fake = lambda q, *a, **kw: calls.append(q.shape) or q  # noqa: E731
+    kw = dict(kind="auto", block=4, auto_len=2, backend="tpu")
+    orig, attention.splash_attention = attention.splash_attention, fake
+    try:
+        with jax.set_mesh(make_mesh(data=1, fsdp=4, tensor=1, devices=four)):
+            got = attention.attend(q, k, v, mask, 0.3, **kw)
+            assert calls == []
+            wide = [jnp.concatenate([x] * 2) for x in (q, k, v)]
+            attention.attend(*wide, Mask(mask.query_slots, jnp.ones((4, 9), bool), mask.window), 0.3, **kw)
+            assert calls == [(4, 9, K, G, D)]
+    finally:
+        attention.splash_attention = orig
+    np.testing.assert_array_equal(got, blockwise_attention(q, k, v, mask, 0.3, 4, 4))
+    with jax.set_mesh(make_mesh(data=1, fsdp=4, tensor=1, devices=four)):
+        with pytest.raises(ValueError, match="splits neither"):
+            splash_attention(q, k, v, mask, 0.3, interpret=True)
 
 
 def test_splash_under_a_mesh_runs_per_device_and_equals_dense():

@@ -20,8 +20,10 @@ keys that take no part in the softmax. Memory is `O(T * H * D)`, not `O(T * S)`.
 `T * S <= auto_len**2` (one-token decoding: its scores are `[1, S]` per head), else, for
 self-attention without a cache (training and scoring), the backend's fused kernel: Pallas splash
 attention on TPU (`splash_attention`: left padding as segment ids, causal or sliding-window
-masks, GQA), cuDNN's on GPU (`fused_attention`, 16-bit inputs); the blockwise path for long
-prefills into a cache, on CPU, and where a kernel cannot take the inputs (float32 on GPU).
+masks, GQA; per device under `shard_map`), cuDNN's on GPU (`fused_attention`, 16-bit inputs:
+causal, per-row sequence lengths after rolling each row's left padding to its end, a local
+window; no `[T, S]` mask); the blockwise path for long prefills into a cache, on CPU, and where
+a kernel cannot take the inputs (float32 on GPU, a mesh that splits neither rows nor heads).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jaxtyping import Array, Bool, Float, Int
 
 KINDS = ("dense", "blockwise", "auto")
@@ -95,18 +98,29 @@ def attend(
 ) -> Float[Array, "B T K G D"]:
     """Attention by the path `choose` picks for these shapes. `sliding_window`: the model's window
     (0 = none), the only window other than "none" that `mask.window` may hold (the fused kernels
-    take static masks; the layer's flag picks one of two at run time). Splash on several devices
-    needs a mesh set by `jax.set_mesh` (it runs under `shard_map`), else blockwise; cuDNN needs
-    16-bit inputs: float32 ones take the blockwise path."""
+    take static masks; the layer's flag picks one of two at run time). Splash runs on one device,
+    or per device under `shard_map` on the mesh set by `jax.set_mesh` when `_splash_specs` can
+    split the rows or the key-value heads over it (`splash_fits`); cuDNN needs 16-bit inputs.
+    Where the kernel cannot take the inputs, the blockwise path does, and a warning says why."""
     path = choose(kind, q.shape[1], k.shape[1], auto_len, backend)
-    # A Pallas kernel is not partitioned by XLA: on several devices it needs the mesh (shard_map).
-    if path == "splash" and (not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1):
-        return splash_attention(q, k, v, mask, scale, sliding_window=sliding_window, block=block)
-    if path == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return fused_attention(q, k, v, mask, scale, implementation="cudnn")
+    if path == "splash":
+        if splash_fits(q.shape[0], k.shape[2]):
+            return splash_attention(q, k, v, mask, scale, sliding_window=sliding_window, block=block)
+        _fallback(kind, "splash", "the mesh splits neither its rows nor its key-value heads (or no mesh is set)")
+    if path == "cudnn":
+        if q.dtype in (jnp.bfloat16, jnp.float16):
+            return fused_attention(
+                q, k, v, mask, scale, implementation="cudnn", sliding_window=sliding_window, block=block
+            )
+        _fallback(kind, "cudnn", f"cuDNN takes 16-bit inputs, these are {q.dtype}")
     if path == "dense":
         return dense_attention(q, k, v, mask, scale)
     return blockwise_attention(q, k, v, mask, scale, block, block)
+
+
+def _fallback(kind: str, kernel: str, why: str) -> None:
+    """Say (at trace time, once per compilation) that the fused kernel is not taken."""
+    logging.warning("model.attention=%r: not the %s kernel: %s; taking the blockwise path", kind, kernel, why)
 
 
 # ---- blockwise ---------------------------------------------------------------------------------
@@ -288,16 +302,64 @@ def blockwise_attention(
 
 
 def fused_attention(
-    q: Float[Array, "B T K G D"], k: Array, v: Array, mask: Mask, scale: float, *, implementation: str
+    q: Float[Array, "B T K G D"],
+    k: Float[Array, "B T K D"],
+    v: Float[Array, "B T K D"],
+    mask: Mask,
+    scale: float,
+    *,
+    implementation: str,
+    sliding_window: int = 0,
+    block: int = 512,
 ) -> Float[Array, "B T K G D"]:
-    """`jax.nn.dot_product_attention` ("cudnn" on GPU; "xla" elsewhere, for tests) with the mask
-    as a boolean `[B, 1, T, S]` array (cuDNN's sequence lengths cannot express left padding)."""
+    """Self-attention (query slot t = key slot t, no cache) by `jax.nn.dot_product_attention`
+    ("cudnn" on GPU; "xla" elsewhere, for tests) with no `[T, S]` mask: `is_causal`, per-row
+    sequence lengths and, for sliding-window layers, `local_window_size`.
+
+    Those lengths count from slot 0 (right padding), ours are left-padded, so each row is rolled
+    left by its first valid slot (its tokens then start at slot 0, its padding follows them) and
+    the output rolled back; causal order and the window are unchanged by a shift. Exact when each
+    row's valid keys are one span (left padding, tokens, right padding: how the model's batches
+    are laid out), the query slots are `0..T-1` and `mask.window` is wider than `T` or equal to
+    `sliding_window`; otherwise (checked at run time) the blockwise path computes the output.
+    Padded query rows come out as 0, not the dense path's average; they are never read."""
     B, T, K, G, D = q.shape
-    keep = allowed(mask.query_slots, jnp.arange(k.shape[1]), mask.keys_valid, mask.window)[:, :, 0]
-    out = jax.nn.dot_product_attention(
-        q.reshape(B, T, K * G, D), k, v, mask=keep, scale=scale, implementation=implementation
-    )
-    return out.reshape(B, T, K, G, D)
+    index, first, length = fused_plan(mask, T, sliding_window)
+    lengths = jnp.maximum(length, 1)  # an empty row attends to its first slot: finite, never read
+    gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(B, T, *([1] * (x.ndim - 2))), axis=1)  # noqa: E731
+    rolled = (jnp.arange(T)[None, :] + first[:, None]) % T  # rolled slot -> slot
+
+    def fused(local_window):
+        def run(q, k, v):
+            qr, kr, vr = gather(q, rolled).reshape(B, T, K * G, D), gather(k, rolled), gather(v, rolled)
+            seqs = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths, local_window_size=local_window)
+            out = jax.nn.dot_product_attention(
+                qr, kr, vr, scale=scale, is_causal=True, implementation=implementation, **seqs
+            )
+            return gather(out.reshape(B, T, K, G, D), (jnp.arange(T)[None, :] - first[:, None]) % T)
+
+        return run
+
+    branches = [lambda q, k, v: blockwise_attention(q, k, v, mask, scale, block, block), fused(None)]
+    if sliding_window:
+        branches.append(fused((sliding_window - 1, 0)))  # keys (t - sliding_window, t]
+    return jax.lax.switch(index, branches, q, k, v)
+
+
+def fused_plan(mask: Mask, T: int, sliding_window: int) -> tuple[Array, Array, Array]:
+    """`fused_attention`'s branch (0 blockwise, 1 causal, 2 causal within `sliding_window`), and
+    each row's first valid slot and count of valid slots `[B]`. The fused branches are taken only
+    where they are exact: every row's valid slots one span, query slots `0..T-1`, and the window
+    wider than `T` (1) or equal to `sliding_window` (2)."""
+    valid, slots = mask.keys_valid, jnp.arange(T)
+    first = jnp.argmax(valid, axis=1).astype(jnp.int32)
+    length = valid.sum(axis=1, dtype=jnp.int32)
+    span = (slots >= first[:, None]) & (slots < (first + length)[:, None])
+    exact = jnp.all(valid == span) & jnp.all(mask.query_slots == slots)
+    index = jnp.where(exact & (mask.window >= T), 1, 0)
+    if sliding_window:
+        index = jnp.where(exact & (mask.window < T) & (mask.window == sliding_window), 2, index)
+    return index, first, length
 
 
 def _splash_kernel(heads: int, length: int, window: int, block: int, interpret: bool):
@@ -366,7 +428,24 @@ def splash_attention(
     specs = _splash_specs(B, k.shape[2])
     if specs is not None:
         fn = jax.shard_map(fn, in_specs=specs, out_specs=specs[0], check_vma=False)
+    elif jax.sharding.get_abstract_mesh().size > 1:
+        raise ValueError(
+            f"splash_attention: the mesh {dict(jax.sharding.get_abstract_mesh().shape)} splits neither the "
+            f"{B} rows (data, fsdp) nor the {k.shape[2]} key-value heads (tensor); the Pallas kernel would "
+            "run on the global arrays. Use blockwise_attention (attend does)."
+        )
     return fn(*args)[:, :T]
+
+
+def splash_fits(rows: int, kv_heads: int) -> bool:
+    """Whether the splash kernel can run here: on one device (no mesh and one device, or a
+    one-device mesh), or per device on the mesh set by `jax.set_mesh` where `_splash_specs`
+    splits the rows over its batch axes or the key-value heads over `tensor`. Not otherwise: a
+    Pallas kernel is not partitioned by XLA, so it would run on the global arrays."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.device_count() == 1
+    return mesh.size == 1 or _splash_specs(rows, kv_heads) is not None
 
 
 def _splash_specs(rows: int, kv_heads: int) -> tuple | None:
