@@ -4,7 +4,13 @@ Executed by `sampler_bench.py --tunix_python PYTHON` with the interpreter of an 
 where `google-tunix` is installed (kept apart from ours: it pins other versions). It does not
 import gtpo_jax. Llama-architecture checkpoints only (SmolLM2 is one).
 
-    PYTHON benchmarks/tunix_sampler_run.py CKPT_DIR --rows 16 --prompt_len 32 --T 64
+    PYTHON benchmarks/tunix_sampler_run.py CKPT_DIR --prompts PROMPTS.json --T 64 --pad_id 0
+
+`PROMPTS.json` holds the rows' prompt token ids (one list per decoded row, as our sampler
+decodes them). They reach Tunix's sampler unchanged through `tunix_common.IdsTokenizer` (no BOS
+added, no end-of-sequence token), and the runner reports what Tunix actually did: the prompt
+token matrix it decoded from (`tunix_prompt_len`, `tunix_prompt_sha`) and the tokens it
+returned (`tunix_decoded_tokens`), which `sampler_bench.py` checks against its own.
 """
 
 from __future__ import annotations
@@ -16,80 +22,64 @@ import time
 from pathlib import Path
 
 import jax
+from tunix_common import IdsTokenizer, as_text, load_llama, prompt_sha
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
-    parser.add_argument("--rows", type=int, required=True, help="sequences decoded together (P * G)")
-    parser.add_argument("--prompt_len", type=int, required=True)
-    parser.add_argument("--T", type=int, required=True)
+    parser.add_argument("--prompts", required=True, help="JSON file: one list of prompt token ids per row")
+    parser.add_argument("--T", type=int, required=True, help="new tokens per row")
+    parser.add_argument("--pad_id", type=int, default=0, help="left-padding id (no prompt token may equal it)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import transformers
     from tunix.generate import sampler as sampler_lib
-    from tunix.models.llama3 import model as llama3
-    from tunix.models.llama3 import params as llama3_params
 
-    hf = json.loads((Path(args.checkpoint) / "config.json").read_text())
-    cfg = llama3.ModelConfig(
-        num_layers=hf["num_hidden_layers"],
-        vocab_size=hf["vocab_size"],
-        embed_dim=hf["hidden_size"],
-        hidden_dim=hf["intermediate_size"],
-        num_heads=hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        num_kv_heads=hf["num_key_value_heads"],
-        rope_theta=int(hf["rope_theta"]),
-        norm_eps=hf["rms_norm_eps"],
-        weight_tying=hf["tie_word_embeddings"],
+    rows = json.loads(Path(args.prompts).read_text())
+    if any(args.pad_id in r for r in rows):
+        raise SystemExit(f"a prompt holds the pad id {args.pad_id}: Tunix would read it as padding")
+    model, cfg = load_llama(args.checkpoint)
+    prompt_len = max(len(r) for r in rows)
+    # With max_prompt_length = the prompts' length no power-of-two padding happens, and the
+    # cache holds exactly prompt + T (as ours: Lp + T slots).
+    cache = sampler_lib.CacheConfig(
+        cache_size=prompt_len + args.T, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim
     )
-    model = llama3_params.create_model_from_safe_tensors(args.checkpoint, cfg)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
-    # A prompt of exactly prompt_len tokens, the same for every row.
-    ids = [(7 * i + 3) % 1000 + 1000 for i in range(args.prompt_len)]
-    prompt = tokenizer.decode(ids)
-
-    def make_sampler(cache_size: int):
-        config = sampler_lib.CacheConfig(
-            cache_size=cache_size, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim
-        )
-        return sampler_lib.Sampler(model, tokenizer, config)
-
-    # Tunix's own tokenisation (it may add BOS) decides the prompt length; with max_prompt_length
-    # set to it, no power-of-two padding happens and the cache holds exactly prompt + T.
-    prompt_len = len(make_sampler(4 * args.prompt_len + args.T).tokenize(prompt))
-    sampler = make_sampler(prompt_len + args.T)
+    sampler = sampler_lib.Sampler(model, IdsTokenizer(args.pad_id), cache)
+    prompts = [as_text(r) for r in rows]
 
     def run(seed: int):
-        out = sampler(
-            [prompt] * args.rows,
+        return sampler(
+            prompts,
             max_generation_steps=args.T,
             max_prompt_length=prompt_len,
             temperature=1.0,
-            top_p=1.0,
-            eos_tokens=[cfg.vocab_size - 1],  # (almost) never drawn: every row decodes T tokens
+            top_p=1.0,  # top-p mode with p = 1 and no top-k: a plain categorical draw, as ours
             seed=seed,
         )
-        return out.tokens
 
     run(0)  # compile + warm-up
     times = []
     for i in range(args.repeats):
         start = time.perf_counter()
-        tokens = run(i + 1)
-        jax.block_until_ready(jax.tree.leaves(tokens))
+        out = run(i + 1)
+        jax.block_until_ready(jax.tree.leaves(out.tokens))
         times.append(time.perf_counter() - start)
-    decoded = sum(len(t) for t in tokens)
     seconds = statistics.median(times)
+    decoded = sum(len(t) for t in out.tokens)
+    padded = out.padded_prompt_tokens
     print(
         json.dumps(
             {
                 "tunix_s": seconds,
+                "tunix_times_s": [round(t, 4) for t in times],
                 "tunix_decoded_tokens": decoded,
                 "tunix_tokens_per_s": decoded / seconds,
-                "tunix_prompt_len": prompt_len,
+                "tunix_prompt_len": int((padded[0] != args.pad_id).sum()),
+                "tunix_prompt_width": int(padded.shape[1]),
+                "tunix_prompt_sha": prompt_sha(padded),
+                "tunix_jax": jax.__version__,
             }
         )
     )
