@@ -4,7 +4,7 @@
 
 Builds the run for evaluation only (`training.build.build(train=False)`: no optimizer), reads
 only the checkpoint's parameters, and prints one JSON line. The metrics are defined in
-`training/evaluation.py`.
+`training/evaluation.py`; they are drawn under `jax.set_mesh(mesh)`, as in training.
 """
 
 from __future__ import annotations

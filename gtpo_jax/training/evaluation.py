@@ -101,15 +101,20 @@ def evaluate(
     num_prompts: int | None = None,
 ) -> dict[str, float]:
     """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it),
-    plus `greedy_pass@1` under `eval.greedy`; `{}` when there are no held-out records."""
+    plus `greedy_pass@1` under `eval.greedy`; `{}` when there are no held-out records. Runs under
+    `jax.set_mesh(run.mesh)`, as training does: the decode keeps its rows split over the batch
+    axes (`models.transformer.shard_rows`) whatever the prompts' own layout."""
     e = run.cfg.eval
     records = list(records[: num_prompts or e.num_prompts])
     if not records:
         return {}
     key = eval_key(run.cfg.train.seed)
-    result = evaluate_policy(run, params, pool, records, key, samples=samples or e.samples, temperature=e.temperature)
-    if e.greedy and e.temperature > 0:
-        greedy = evaluate_policy(run, params, pool, records, key, samples=1, temperature=0.0)
-        result["greedy_pass@1"] = greedy["pass@1"]
-        result["reward_invalid_frac"] = max(result["reward_invalid_frac"], greedy["reward_invalid_frac"])
+    with jax.set_mesh(run.mesh):
+        result = evaluate_policy(
+            run, params, pool, records, key, samples=samples or e.samples, temperature=e.temperature
+        )
+        if e.greedy and e.temperature > 0:
+            greedy = evaluate_policy(run, params, pool, records, key, samples=1, temperature=0.0)
+            result["greedy_pass@1"] = greedy["pass@1"]
+            result["reward_invalid_frac"] = max(result["reward_invalid_frac"], greedy["reward_invalid_frac"])
     return result
