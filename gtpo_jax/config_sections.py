@@ -295,7 +295,8 @@ class RolloutSection(Section):
     max_refill_rounds: int = 2
     # Sequences (prompts x their G samples) per sampler call, bounding the KV cache and the
     # decode activations: a step's prompts are drawn in chunks of batch_size / G prompts (the same
-    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size.
+    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size. The
+    # evaluation's sampler calls hold at most batch_size sequences too (eval.samples per prompt).
     batch_size: int = 0
 
     def _validate(self) -> None:

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
     try:
         params, _ = checkpointer.restore_params(step, abstract_params(run.model, run.mesh))
         result = evaluate(run, params, pool, test, samples=_SAMPLES.value or None, num_prompts=_PROMPTS.value or None)
+    except ConfigError as e:  # --samples more than a sampler call holds (training.build.eval_chunk)
+        raise SystemExit(f"error: {e}") from None
     finally:
         pool.close()
         checkpointer.close()
