@@ -462,6 +462,23 @@ def _loss_batch(P, G, T):
 
 
 # ---- Length buckets (train.length_buckets) ---------------------------------------------------
+def test_each_prompt_and_response_bucket_shape_is_counted_and_logged_once(caplog):
+    """The scoring pass and the update compile once per (prompt bucket, response bucket): with
+    rollout.prompt_buckets 16 / 32 and response widths 4 / 8, three shapes seen, three logged."""
+    from gtpo_jax.training.build import Run
+
+    run = Run(from_dict({}), *[None] * 9)
+    with caplog.at_level("INFO"):
+        for shape in [(16, 4), (32, 4), (16, 4), (16, 8), (32, 4)]:
+            run.note_length_bucket(*shape)
+    lines = [r.getMessage() for r in caplog.records if "scoring and update: compiling" in r.getMessage()]
+    assert run.length_buckets == {(16, 4), (32, 4), (16, 8)}
+    assert lines == [
+        f"scoring and update: compiling for prompt bucket {p} and response length {w} of T=8 ({n} shapes so far)"
+        for n, (p, w) in enumerate([(16, 4), (32, 4), (16, 8)], 1)
+    ]
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s", "dr_grpo"])
 def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path, algorithm):
     """Responses of at most 3 of T = 16 tokens: the scoring pass and the update run over the
@@ -498,6 +515,7 @@ def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path,
             run = build(cfg, trainer.built.mesh, train=True)
             # The reference is the starting policy, as at step 1 (GRPO's KL needs its log-probs).
             groups, loss_batch, _ = loss_inputs(run, params, params, short, verdicts(short, **rule))
+            assert run.length_buckets == {(groups.prompts.shape[1], groups.tokens.shape[-1])}  # counted by both
             state = init_state(params, run.optimizer, 0, mesh=run.mesh)
             state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
             results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))

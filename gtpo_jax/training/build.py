@@ -59,15 +59,18 @@ class Run:
     optimizer: optax.GradientTransformation | None  # None when built for evaluation
     fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
     sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket, SamplingConfig) so far
-    length_buckets: set = dataclasses.field(default_factory=set)  # response widths of the update so far
+    # (prompt bucket, response width) of the scoring pass and the update so far
+    length_buckets: set = dataclasses.field(default_factory=set)
 
-    def note_length_bucket(self, width: int) -> None:
-        """Logs (at INFO) a response length bucket seen for the first time: the scoring pass and
-        the update compile once for each (`train.length_buckets`)."""
-        if width not in self.length_buckets:
-            self.length_buckets.add(width)
+    def note_length_bucket(self, prompt_width: int, width: int) -> None:
+        """Logs (at INFO) a `(prompt bucket, response length bucket)` shape seen for the first
+        time: the scoring pass and the update compile once for each, so up to
+        `len(rollout.prompt_buckets) x train.length_buckets` times."""
+        if (prompt_width, width) not in self.length_buckets:
+            self.length_buckets.add((prompt_width, width))
             logging.info(
-                "scoring and update: compiling for response length %d of T=%d (%d length buckets so far)",
+                "scoring and update: compiling for prompt bucket %d and response length %d of T=%d (%d shapes so far)",
+                prompt_width,
                 width,
                 self.cfg.rollout.max_new_tokens,
                 len(self.length_buckets),

@@ -91,7 +91,7 @@ def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdi
     bucket of the longest response (`train.length_buckets`), then the loss batch: `(groups, loss
     batch, diagnostics)`, `[P, G, width]`. Only the verdicts cross from the host to the devices."""
     width = response_width(run.cfg, int(batch.lengths.max()))
-    run.note_length_bucket(width)
+    run.note_length_bucket(int(batch.prompts.shape[1]), width)
     r = run.place.as_rows(cropped(batch.rollout, width))
     groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
     old_logp, entropy = run.fns.score(params, groups)
