@@ -159,6 +159,12 @@ class Config:
                 "and a narrow sequence clip would then silence the gradient. Use lora_dropout=0"
             )
         _check_batch_sizes(self.rollout, self.train, self.loss.group_size)
+        size, e = self.rollout.batch_size, self.eval
+        if size and e.temperature > 0 and e.samples > size:
+            raise ConfigError(
+                f"eval.samples={e.samples}: more than rollout.batch_size={size} sequences a sampler call (the "
+                "evaluation draws a prompt's samples in one call); lower eval.samples or raise rollout.batch_size"
+            )
         top = self.rollout.prompt_buckets[-1]
         if self.data.max_prompt_tokens > top:
             raise ConfigError(
@@ -212,11 +218,13 @@ def ignored_fields(cfg: Config) -> list[str]:
 # Fields a resumed run may change (how long, how often, where and how it runs, and the warm-up,
 # which runs only before step 0 and never on a resume); any other difference from the
 # checkpoint's config would silently continue a different experiment.
-# Sampler calls, micro-batches and length buckets change memory and compilations, not what is
-# computed (the same draws; exact sums), so they are resumable too.
+# Sampler calls and length buckets change memory and compilations, not what is computed (the
+# same draws; exact sums), so they are resumable too. train.micro_batch_size is not: the update
+# splits its LoRA-dropout key into one key per micro-batch (training/update.py), so another size
+# draws other dropout masks (and adds the gradients in another order).
 RESUMABLE = ("train.steps", "train.stop_after", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.resume", "train.run_dir", "train.max_sampled_responses", "reward.num_workers", "reward.timeout_s",
-             "rollout.batch_size", "train.micro_batch_size", "train.length_buckets",
+             "rollout.batch_size", "train.length_buckets",
              "eval", "mesh", "metrics", "compare", "warmup")  # fmt: skip
 
 

@@ -295,7 +295,8 @@ class RolloutSection(Section):
     max_refill_rounds: int = 2
     # Sequences (prompts x their G samples) per sampler call, bounding the KV cache and the
     # decode activations: a step's prompts are drawn in chunks of batch_size / G prompts (the same
-    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size.
+    # tokens as one call). 0 = the whole step in one call. A multiple of loss.group_size. The
+    # evaluation's sampler calls hold at most batch_size sequences too (eval.samples per prompt).
     batch_size: int = 0
 
     def _validate(self) -> None:
@@ -395,7 +396,8 @@ class TrainSection(Section):
     micro_batch_size: int = 0
     # The scoring pass and the update run over the batch's longest response rounded up to one of
     # this many lengths, rollout.max_new_tokens / 2**k for k < length_buckets (rounded up): at 4,
-    # T/8, T/4, T/2 and T (one compilation each). 1 = always the full max_new_tokens (off).
+    # T/8, T/4, T/2 and T (one compilation each per rollout.prompt_buckets width: up to
+    # len(prompt_buckets) x length_buckets, each logged). 1 = always the full max_new_tokens (off).
     length_buckets: int = 4
     # Seed of sampling and everything random after initialisation.
     seed: int = 0

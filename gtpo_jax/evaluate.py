@@ -4,7 +4,7 @@
 
 Builds the run for evaluation only (`training.build.build(train=False)`: no optimizer), reads
 only the checkpoint's parameters, and prints one JSON line. The metrics are defined in
-`training/evaluation.py`.
+`training/evaluation.py`; they are drawn under `jax.set_mesh(mesh)`, as in training.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
     try:
         params, _ = checkpointer.restore_params(step, abstract_params(run.model, run.mesh))
         result = evaluate(run, params, pool, test, samples=_SAMPLES.value or None, num_prompts=_PROMPTS.value or None)
+    except ConfigError as e:  # --samples more than a sampler call holds (training.build.eval_chunk)
+        raise SystemExit(f"error: {e}") from None
     finally:
         pool.close()
         checkpointer.close()

@@ -360,6 +360,20 @@ def test_resuming_under_another_experiments_config_is_refused():
         check_resume(saved, other, "runs/x")
     older = {section: {k: v for k, v in fields.items() if k != "top_k"} for section, fields in saved.items()}
     assert resume_changes(older, saved) == []  # a field an older checkpoint lacks is not a change
+    # The update splits its LoRA-dropout key per micro-batch: another micro-batch size draws other masks.
+    lora = {"model": {"lora_rank": 8, "lora_dropout": 0.1}, "loss": {"algorithm": "dapo"}}
+    before = to_dict(from_dict({**lora, "train": {"micro_batch_size": 16}}))
+    after = to_dict(from_dict({**lora, "train": {"micro_batch_size": 32}}))
+    assert resume_changes(before, after) == ["train.micro_batch_size: 16 -> 32"]
+    batch = to_dict(from_dict({**lora, "train": {"micro_batch_size": 16}, "rollout": {"batch_size": 64}}))
+    assert resume_changes(before, batch) == []  # sampler calls draw the same tokens (tests/test_sampler.py)
+
+
+def test_more_evaluation_samples_than_a_sampler_call_holds_is_refused():
+    assert from_dict({"rollout": {"batch_size": 64}, "eval": {"samples": 64}}).eval.samples == 64
+    assert from_dict({"rollout": {"batch_size": 64}, "eval": {"samples": 96, "temperature": 0.0}})  # greedy: 1
+    with pytest.raises(ConfigError, match=r"^eval.samples=96: more than rollout.batch_size=64 sequences a sampler"):
+        from_dict({"rollout": {"batch_size": 64}, "eval": {"samples": 96}})
 
 
 def test_lora_dropout_with_a_sequence_level_ratio_is_refused():

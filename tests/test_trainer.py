@@ -202,3 +202,36 @@ def test_checkpoint_from_8_devices_restores_onto_4_and_1(tmp_path):
             pool.close()
             assert set(result) == EVAL_KEYS
             assert 0 <= result["avg@4"] <= 1 and result["reward_invalid_frac"] == 0
+
+
+def test_training_and_evaluation_run_under_the_mesh(tmp_path, monkeypatch):
+    """`Trainer.run` and `evaluate` (what `python -m gtpo_jax.evaluate` calls) trace the model under
+    `jax.set_mesh(run.mesh)`: `shard_rows` pins the activations' rows to the 8 devices' batch axes,
+    the layout `benchmarks/memory_plan.py` plans (without a mesh set it does nothing)."""
+    from gtpo_jax.models import transformer
+
+    seen, shard_rows = [], transformer.shard_rows
+
+    def recording(x, axis=0):  # the mesh each traced forward pass sees
+        mesh = jax.sharding.get_abstract_mesh()
+        seen.append((x.shape[axis], None if mesh.empty else dict(mesh.shape)))
+        return shard_rows(x, axis)
+
+    monkeypatch.setattr(transformer, "shard_rows", recording)
+    jax.clear_caches()  # trace again: an earlier test's programs would skip the recorder
+    cfg = tiny_config(tmp_path, **{"train.steps": 1, "warmup.steps": 0, "train.prompts_per_step": 8})
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+        assert jax.sharding.get_abstract_mesh().empty  # only while the run runs
+        # Prefills of 8 prompts; decodes, scoring and the update of 8 prompts x 4 samples.
+        assert {r for r, _ in seen} == {8, 32}, seen
+        assert all(mesh == {"data": 1, "fsdp": 8, "tensor": 1} for _, mesh in seen), seen
+        seen.clear()
+        jax.clear_caches()
+        _, test = load_data(cfg)
+        result = evaluate(trainer.built, trainer.state.params, trainer.pool, test, num_prompts=4)
+        assert set(result) == EVAL_KEYS and seen
+        assert all(mesh == {"data": 1, "fsdp": 8, "tensor": 1} for _, mesh in seen), seen
+    finally:
+        trainer.close()

@@ -332,6 +332,68 @@ def test_prompts_per_step_the_batch_axes_cannot_split_are_warned_about():
     assert _replicated_rows(from_dict({"train": {"prompts_per_step": 16}}), mesh) == []
     (line,) = _replicated_rows(from_dict({"train": {"prompts_per_step": 12}}), mesh)
     assert line.startswith("train.prompts_per_step=12 is not a multiple of the 8 devices along the batch axes")
+    # Under jax.set_mesh a sampler call's rows (prompts x G) count, not its prompts: 4 x 4 on 8 devices is fine.
+    one = {"train": {"prompts_per_step": 16}, "loss": {"algorithm": "dapo", "group_size": 4}}
+    assert _replicated_rows(from_dict({**one, "rollout": {"batch_size": 16}}), mesh) == []
+    (line,) = _replicated_rows(from_dict({**one, "rollout": {"batch_size": 12}}), mesh)
+    assert line.startswith("rollout.batch_size=12 sequences a sampler call is not a multiple of the 8 devices")
+
+
+# ---- Evaluation sampler calls split over the devices (issue 17) ------------------------------
+def test_evaluation_chunks_keep_their_rows_a_multiple_of_the_batch_width():
+    """The 7B config's evaluation (eval.samples = 32, rollout.batch_size = 256, 16 devices) draws
+    8 prompts a call: 256 rows, split over the 16 devices under jax.set_mesh. 3 samples on 8
+    devices need 8 prompts a call (24 rows), not the 10 that fit 32 sequences (30 rows)."""
+    from gtpo_jax.training.build import eval_chunk
+
+    seven_b = from_dict({"rollout": {"batch_size": 256}, "loss": {"algorithm": "dapo", "group_size": 16}})
+    assert eval_chunk(seven_b, 16, 32, 30) == 8
+    assert eval_chunk(seven_b, 16, 1, 30) == 32  # greedy: 30 prompts rounded up to 16 rows' multiple
+    small = from_dict({"rollout": {"batch_size": 32}, "loss": {"algorithm": "dapo", "group_size": 4}})
+    assert [eval_chunk(small, 8, k, 16) for k in (3, 4, 6, 8)] == [8, 8, 4, 4]
+    assert eval_chunk(small, 8, 4, 3) == 4  # a few prompts: not more calls' worth than they need
+    assert eval_chunk(from_dict({}), 8, 4, 100) == 64 and eval_chunk(from_dict({}), 8, 4, 3) == 8  # batch_size 0
+    assert eval_chunk(small, 16, 3, 16) == 10  # 16 prompts x 3 > 32: none fits, the most that do (warned)
+    four = from_dict({"rollout": {"batch_size": 4}, "loss": {"algorithm": "dapo", "group_size": 4}})
+    with pytest.raises(ConfigError, match=r"^5 evaluation samples per prompt \(eval.samples, or evaluate's --samples"):
+        eval_chunk(four, 8, 5, 8)
+
+
+def test_an_evaluation_the_batch_axes_cannot_split_is_warned_about_at_build_time():
+    from gtpo_jax.training.build import _replicated_rows
+
+    dapo = {"loss": {"algorithm": "dapo", "group_size": 4}, "train": {"prompts_per_step": 16}}
+    fits = from_dict({**dapo, "rollout": {"batch_size": 24}, "eval": {"samples": 3}})
+    assert _replicated_rows(fits, make_mesh(fsdp=8), train=False) == []
+    short = from_dict({**dapo, "rollout": {"batch_size": 12}, "eval": {"samples": 3}})
+    (line,) = _replicated_rows(short, make_mesh(fsdp=8), train=False)  # greedy's 8 prompts x 1 fit
+    assert line == (
+        "eval.samples=3: no evaluation sampler call of whole prompts within rollout.batch_size=12 sequences is a "
+        "multiple of the 8 devices along the batch axes (that takes 8 prompts x 3 samples = 24 sequences): the "
+        "evaluation's decode is replicated on every device (8x the KV cache); raise rollout.batch_size to 24 or "
+        "choose eval.samples so that it fits"
+    )
+
+
+def test_evaluation_draws_calls_of_rows_the_batch_axes_split(tmp_path):
+    """3 samples of 16 held-out prompts on 8 devices with rollout.batch_size = 32: every sampler
+    call holds a multiple of 8 rows (8 prompts x 3; greedy 16 x 1), none the 10 x 3 = 30 that
+    fit the batch size; the result covers all 16 prompts."""
+    from gtpo_jax.training.build import build, initial_params, load_data, reward_pool
+    from gtpo_jax.training.evaluation import evaluate
+
+    overrides = {"rollout.batch_size": 32, "eval.samples": 3, "eval.num_prompts": 16, "data.num_test": 16}
+    cfg = tiny_config(tmp_path, **overrides)
+    run = build(cfg, make_mesh(fsdp=8), train=False)
+    _, test = load_data(cfg, run.encode)
+    pool = reward_pool(cfg, [], test)
+    try:
+        result = evaluate(run, initial_params(run), pool, test)
+    finally:
+        pool.close()
+    assert result["prompts"] == 16 and "avg@3" in result and "greedy_pass@1" in result
+    calls = {(prompts, sampling.group_size) for prompts, _, sampling, _ in run.sampler_shapes}
+    assert calls == {(8, 3), (16, 1)}, calls
 
 
 def test_host_verdicts_follow_the_loss_rule():
@@ -400,6 +462,23 @@ def _loss_batch(P, G, T):
 
 
 # ---- Length buckets (train.length_buckets) ---------------------------------------------------
+def test_each_prompt_and_response_bucket_shape_is_counted_and_logged_once(caplog):
+    """The scoring pass and the update compile once per (prompt bucket, response bucket): with
+    rollout.prompt_buckets 16 / 32 and response widths 4 / 8, three shapes seen, three logged."""
+    from gtpo_jax.training.build import Run
+
+    run = Run(from_dict({}), *[None] * 9)
+    with caplog.at_level("INFO"):
+        for shape in [(16, 4), (32, 4), (16, 4), (16, 8), (32, 4)]:
+            run.note_length_bucket(*shape)
+    lines = [r.getMessage() for r in caplog.records if "scoring and update: compiling" in r.getMessage()]
+    assert run.length_buckets == {(16, 4), (32, 4), (16, 8)}
+    assert lines == [
+        f"scoring and update: compiling for prompt bucket {p} and response length {w} of T=8 ({n} shapes so far)"
+        for n, (p, w) in enumerate([(16, 4), (32, 4), (16, 8)], 1)
+    ]
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo", "gtpo", "grpo_s", "dr_grpo"])
 def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path, algorithm):
     """Responses of at most 3 of T = 16 tokens: the scoring pass and the update run over the
@@ -436,6 +515,7 @@ def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path,
             run = build(cfg, trainer.built.mesh, train=True)
             # The reference is the starting policy, as at step 1 (GRPO's KL needs its log-probs).
             groups, loss_batch, _ = loss_inputs(run, params, params, short, verdicts(short, **rule))
+            assert run.length_buckets == {(groups.prompts.shape[1], groups.tokens.shape[-1])}  # counted by both
             state = init_state(params, run.optimizer, 0, mesh=run.mesh)
             state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
             results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))

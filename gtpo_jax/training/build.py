@@ -14,6 +14,7 @@ reward pool (`reward_pool`, which first checks that the reward can work with the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.nnx as nnx
@@ -58,15 +59,18 @@ class Run:
     optimizer: optax.GradientTransformation | None  # None when built for evaluation
     fns: StepFns | None  # the jitted scoring, loss preparation, update and mini-batch slicing
     sampler_shapes: set = dataclasses.field(default_factory=set)  # (P, prompt bucket, SamplingConfig) so far
-    length_buckets: set = dataclasses.field(default_factory=set)  # response widths of the update so far
+    # (prompt bucket, response width) of the scoring pass and the update so far
+    length_buckets: set = dataclasses.field(default_factory=set)
 
-    def note_length_bucket(self, width: int) -> None:
-        """Logs (at INFO) a response length bucket seen for the first time: the scoring pass and
-        the update compile once for each (`train.length_buckets`)."""
-        if width not in self.length_buckets:
-            self.length_buckets.add(width)
+    def note_length_bucket(self, prompt_width: int, width: int) -> None:
+        """Logs (at INFO) a `(prompt bucket, response length bucket)` shape seen for the first
+        time: the scoring pass and the update compile once for each, so up to
+        `len(rollout.prompt_buckets) x train.length_buckets` times."""
+        if (prompt_width, width) not in self.length_buckets:
+            self.length_buckets.add((prompt_width, width))
             logging.info(
-                "scoring and update: compiling for response length %d of T=%d (%d length buckets so far)",
+                "scoring and update: compiling for prompt bucket %d and response length %d of T=%d (%d shapes so far)",
+                prompt_width,
                 width,
                 self.cfg.rollout.max_new_tokens,
                 len(self.length_buckets),
@@ -129,9 +133,10 @@ def build(cfg: Config, mesh: Mesh | None = None, *, train: bool) -> Run:
     )
     sampling = SamplingConfig(cfg.rollout, cfg.loss.group_size, tuple(tok.stop_ids), tok.pad_id)
     optimizer = fns = None
+    for line in [*(ignored_fields(cfg) if train else []), *_replicated_rows(cfg, mesh, train=train)]:
+        logging.warning("config: %s", line)
     if train:
-        for line in [*ignored_fields(cfg), *_replicated_rows(cfg, mesh)]:
-            logging.warning("config: %s", line)
+        _note_one_call(cfg)
         optimizer = run_optimizer(cfg)
         fns = step_fns(model, cfg, optimizer, mesh)
     return Run(cfg, mesh, model_cfg, model, tok, encode, Placement(mesh), sampling, optimizer, fns)
@@ -143,21 +148,81 @@ def run_optimizer(cfg: Config) -> optax.GradientTransformation:
     return make_optimizer(cfg.optim, cfg.train.steps * updates_per_step, updates_per_step=updates_per_step)
 
 
-def _replicated_rows(cfg: Config, mesh: Mesh) -> list[str]:
-    """Rows that the batch axes cannot split are replicated on every device: N times the work."""
+EVAL_CHUNK = 64  # held-out prompts per evaluation sampler call when rollout.batch_size is 0
+
+
+def eval_chunk(cfg: Config, width: int, samples: int, num_prompts: int) -> int:
+    """Held-out prompts per evaluation sampler call of `samples` samples each, on a mesh whose
+    batch axes split rows `width` ways. Under `jax.set_mesh` the decode's rows (prompts x
+    samples) stay split over the devices when `width` divides them, whatever the prompts' own
+    count; otherwise the call is replicated on every device (`width` x the KV cache). So: the
+    most prompts whose rows fit `rollout.batch_size` and are a multiple of `width` (no more than
+    `num_prompts` rounded up); without such a call (`_replicated_rows` warns) the most that fit.
+    With `rollout.batch_size` 0, `EVAL_CHUNK` prompts (fewer for fewer), a multiple of `width`."""
+    size = cfg.rollout.batch_size
+    if not size:
+        return -(-min(EVAL_CHUNK, num_prompts) // width) * width
+    if samples > size:
+        raise ConfigError(
+            f"{samples} evaluation samples per prompt (eval.samples, or evaluate's --samples) exceed "
+            f"rollout.batch_size={size} sequences a sampler call (a prompt's samples are drawn in one call): "
+            "lower them or raise rollout.batch_size"
+        )
+    step = width // math.gcd(width, samples)  # prompts whose samples fill whole rows of the mesh
+    most = size // samples
+    if most < step:
+        return most
+    return min(most // step * step, -(-num_prompts // step) * step)
+
+
+def _eval_samples(cfg: Config) -> list[tuple[str, int]]:
+    """(what, samples per prompt) of each evaluation pass: the sampled one and the greedy one."""
+    e = cfg.eval
+    if e.temperature == 0:
+        return [("eval.temperature=0 (one greedy sample per prompt)", 1)]
+    return [(f"eval.samples={e.samples}", e.samples)] + (
+        [("eval.greedy (one sample per prompt)", 1)] if e.greedy else []
+    )
+
+
+def _replicated_rows(cfg: Config, mesh: Mesh, *, train: bool = True) -> list[str]:
+    """Rows that the batch axes cannot split are replicated on every device: N times the work.
+    Sampler calls (the rollout's and the evaluation's) count their rows, prompts x samples."""
     width, p, out = batch_width(mesh), cfg.train.prompts_per_step, []
-    if p % width:
+    size, g = cfg.rollout.batch_size, cfg.loss.group_size
+    if train and p % width:
         out.append(
             f"train.prompts_per_step={p} is not a multiple of the {width} devices along the batch axes: the rollout "
             f"and scoring rows are replicated on every device ({width}x the work); use a multiple of {width}"
         )
-    size, g = cfg.rollout.batch_size, cfg.loss.group_size
-    if size and size // g < p and (size // g) % width:
+    if train and size and size < p * g and size % width:
         out.append(
-            f"rollout.batch_size={size} draws {size // g} prompts a sampler call, not a multiple of the {width} "
-            f"devices along the batch axes: those rows are replicated on every device; use a multiple of {width * g}"
+            f"rollout.batch_size={size} sequences a sampler call is not a multiple of the {width} devices along the "
+            f"batch axes: the decode is replicated on every device; use a multiple of {math.lcm(width, g)}"
         )
+    for what, k in _eval_samples(cfg) if size else []:
+        rows = eval_chunk(cfg, width, k, cfg.eval.num_prompts) * k
+        if rows % width:
+            need = math.lcm(width, k)
+            out.append(
+                f"{what}: no evaluation sampler call of whole prompts within rollout.batch_size={size} sequences is "
+                f"a multiple of the {width} devices along the batch axes (that takes {need // k} prompts x {k} "
+                f"samples = {need} sequences): the evaluation's decode is replicated on every device ({width}x "
+                f"the KV cache); raise rollout.batch_size to {need} or choose eval.samples so that it fits"
+            )
     return out
+
+
+def _note_one_call(cfg: Config) -> None:
+    """Says (INFO) when `rollout.batch_size` holds a whole sampling round: chunking then has no effect."""
+    size, p, g = cfg.rollout.batch_size, cfg.train.prompts_per_step, cfg.loss.group_size
+    if size >= p * g:
+        logging.info(
+            "config: rollout.batch_size=%d holds a sampling round's train.prompts_per_step x loss.group_size = %d "
+            "sequences: each round is one sampler call (the field bounds only the evaluation's calls)",
+            size,
+            p * g,
+        )
 
 
 def initial_params(run: Run) -> Any:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gtpo_jax.rewards.pool import RewardPool
-from gtpo_jax.training.build import Run
+from gtpo_jax.training.build import Run, eval_chunk
 from gtpo_jax.training.collect import draw
 
 EVAL_STREAM = 1_000_003  # folded into the run's seed: evaluation draws apart from training's
@@ -48,18 +48,17 @@ def evaluate_policy(
     *,
     samples: int,
     temperature: float,
-    chunk: int = 64,
 ) -> dict[str, float]:
     """`{"avg@k", "pass@1", "pass@2", ..., "pass@k", "prompts", "reward_invalid_frac"}` over `records`,
-    `k = samples` (1 when greedy; see `summarize`). Chunks are padded to a multiple of the mesh's
-    batch width, so the prompts stay split over the devices instead of being replicated on each,
-    and compile once; `draw` samples each in calls of `rollout.batch_size` sequences, as training
-    does (the same draws as one call)."""
+    `k = samples` (1 when greedy; see `summarize`). The prompts are drawn in sampler calls of
+    `build.eval_chunk` prompts: at most `rollout.batch_size` sequences, their rows a multiple of
+    the mesh's batch width, so the decode stays split over the devices instead of being
+    replicated on each; the last call is padded to the same shape (one compilation)."""
     k = 1 if temperature == 0 else samples
     sampling = run.sampling._replace(
         rollout=dataclasses.replace(run.cfg.rollout, temperature=temperature), group_size=k
     )
-    chunk = run.place.padded_rows(min(chunk, len(records)))
+    chunk = eval_chunk(run.cfg, run.place.width, k, len(records))
     correct_counts: list[int] = []
     invalid = 0
     for start in range(0, len(records), chunk):
@@ -101,15 +100,20 @@ def evaluate(
     num_prompts: int | None = None,
 ) -> dict[str, float]:
     """`evaluate_policy` as the config's `eval` section asks (`samples`, `num_prompts` override it),
-    plus `greedy_pass@1` under `eval.greedy`; `{}` when there are no held-out records."""
+    plus `greedy_pass@1` under `eval.greedy`; `{}` when there are no held-out records. Runs under
+    `jax.set_mesh(run.mesh)`, as training does: the decode keeps its rows split over the batch
+    axes (`models.transformer.shard_rows`) whatever the prompts' own layout."""
     e = run.cfg.eval
     records = list(records[: num_prompts or e.num_prompts])
     if not records:
         return {}
     key = eval_key(run.cfg.train.seed)
-    result = evaluate_policy(run, params, pool, records, key, samples=samples or e.samples, temperature=e.temperature)
-    if e.greedy and e.temperature > 0:
-        greedy = evaluate_policy(run, params, pool, records, key, samples=1, temperature=0.0)
-        result["greedy_pass@1"] = greedy["pass@1"]
-        result["reward_invalid_frac"] = max(result["reward_invalid_frac"], greedy["reward_invalid_frac"])
+    with jax.set_mesh(run.mesh):
+        result = evaluate_policy(
+            run, params, pool, records, key, samples=samples or e.samples, temperature=e.temperature
+        )
+        if e.greedy and e.temperature > 0:
+            greedy = evaluate_policy(run, params, pool, records, key, samples=1, temperature=0.0)
+            result["greedy_pass@1"] = greedy["pass@1"]
+            result["reward_invalid_frac"] = max(result["reward_invalid_frac"], greedy["reward_invalid_frac"])
     return result

@@ -5,8 +5,8 @@ variants starting from one shared warm-up, each run stopped at the same sampling
 - `run_config(values, variant, seed)`: the run config of one cell, from the user's config values:
   the variant's loss settings, the seed for initialisation, data order and sampling, the run's
   own directory, and no warm-up (it comes from `warm_start`).
-- `warm_start(cfg, directory)`: the seed's warm-up parameters, trained once and saved (orbax),
-  then read back by every variant of the seed.
+- `warm_start(cfg, directory)`: the seed's warm-up parameters, trained once (under the run's
+  mesh, as `Trainer.run` trains) and saved (orbax), then read back by every variant of the seed.
 - `run_cell(cfg, params, log)`: one RL run, resumable; writes `result.json` when it finishes, and
   a finished run is never run again.
 """
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -85,7 +86,8 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
         params = initial_params(run)
         if warmup_steps:
             log(f"seed {cfg.train.seed}: warm-up (shared by the seed's variants)")
-            params = warm_up(run, params, load_data(cfg, run.encode)[0], steps=warmup_steps, log=log)
+            with jax.set_mesh(run.mesh):  # as a run's own warm-up (`Trainer.run`)
+                params = warm_up(run, params, load_data(cfg, run.encode)[0], steps=warmup_steps, log=log)
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()

@@ -91,7 +91,7 @@ def loss_inputs(run: Run, params: Any, ref_params: Any, batch: GroupBatch, verdi
     bucket of the longest response (`train.length_buckets`), then the loss batch: `(groups, loss
     batch, diagnostics)`, `[P, G, width]`. Only the verdicts cross from the host to the devices."""
     width = response_width(run.cfg, int(batch.lengths.max()))
-    run.note_length_bucket(width)
+    run.note_length_bucket(int(batch.prompts.shape[1]), width)
     r = run.place.as_rows(cropped(batch.rollout, width))
     groups = Groups(batch.prompts, batch.prompt_valid, r.tokens, r.mask)
     old_logp, entropy = run.fns.score(params, groups)
@@ -162,6 +162,27 @@ def _fmt(result: dict[str, float]) -> str:
 
 def _fresh_state(run: Run, params: Any) -> TrainState:
     return init_state(params, run.optimizer, run.cfg.train.seed, mesh=run.mesh)
+
+
+def train_loop(trainer: Trainer) -> dict[str, Any]:
+    """The run: start (or resume), steps until `train.steps`, the sampling budget or a stop, then
+    the final evaluation. `Trainer.run` calls it under `jax.set_mesh(mesh)`: the model then pins
+    its activations' rows to the batch axes (`models.transformer.shard_rows`) and may take the
+    splash attention kernel, the layout `benchmarks/memory_plan.py` plans. The checkpoints, the
+    resume and every step run in that one context, so a resumed run stays bit-identical to one
+    that never stopped (the step functions are the same programs before and after)."""
+    trainer._start()
+    ran = 0
+    with PreemptionGuard() as guard:
+        while int(trainer.state.step) < trainer.cfg.train.steps and trainer._rounds_left() != 0:
+            record = trainer.step(lambda: agreed(guard.requested))
+            ran += record is not None
+            why = trainer._after_step(record, ran, guard)
+            if why:
+                step = int(trainer.state.step)
+                trainer.metrics.message(f"stopping at step {step} ({why}); resume with the same command")
+                return {"stopped_at": step, "start_eval": trainer.meta.get("start_eval", {})}
+    return trainer._finish()
 
 
 class Trainer:
@@ -278,19 +299,10 @@ class Trainer:
         return why
 
     def run(self) -> dict[str, Any]:
-        """Trains to `train.steps` (resuming if asked); returns the start and final evaluations."""
-        self._start()
-        ran = 0
-        with PreemptionGuard() as guard:
-            while int(self.state.step) < self.cfg.train.steps and self._rounds_left() != 0:
-                record = self.step(lambda: agreed(guard.requested))
-                ran += record is not None
-                why = self._after_step(record, ran, guard)
-                if why:
-                    step = int(self.state.step)
-                    self.metrics.message(f"stopping at step {step} ({why}); resume with the same command")
-                    return {"stopped_at": step, "start_eval": self.meta.get("start_eval", {})}
-        return self._finish()
+        """Trains to `train.steps` (resuming if asked) under the run's mesh (`train_loop`); returns
+        the start and final evaluations."""
+        with jax.set_mesh(self.built.mesh):
+            return train_loop(self)
 
     def _finish(self) -> dict[str, Any]:
         final, step = self.evaluate(), int(self.state.step)
