@@ -10,7 +10,7 @@ from train_helpers import ROOT, TINY, load_config_file
 
 from gtpo_jax.compare import summarize, write_summary
 from gtpo_jax.errors import ConfigError
-from gtpo_jax.training.grid import parse_variant, run_config, run_grid
+from gtpo_jax.training.grid import check_saved, parse_variant, run_config, run_grid, warmup_settings
 
 BUDGET = 48  # 3 sampling rounds of prompts_per_step x G = 4 x 4
 
@@ -24,6 +24,8 @@ def _values(root, **overrides):
         "train.max_sampled_responses": BUDGET,
         "compare.variants": ("grpo", "dapo"),
         "compare.seeds": (0,),
+        "eval.every": 0,
+        "eval.every_responses": 16,  # after each of the first two sampling rounds (the third is the end)
         **overrides,
     }
     for key, value in settings.items():
@@ -52,6 +54,9 @@ def test_a_variant_setting_a_field_its_recipe_does_not_read_is_refused_up_front(
 def test_a_grid_needs_a_budget(tmp_path):
     with pytest.raises(ConfigError, match="train.max_sampled_responses=0"):
         run_grid(_values(tmp_path, **{"train.max_sampled_responses": 0}))
+    # A budget the step limit cuts short would stop GRPO-style runs (no refills) before DAPO's.
+    with pytest.raises(ConfigError, match=r"train.steps=2: 2 x 16 responses a step < train.max_sampled_responses=48"):
+        run_grid(_values(tmp_path, **{"train.steps": 2}))
 
 
 def test_tiny_grid_end_to_end_with_equal_budgets_and_resume(tmp_path):
@@ -75,6 +80,20 @@ def test_tiny_grid_end_to_end_with_equal_budgets_and_resume(tmp_path):
     again = []  # a second run skips what is finished
     assert run_grid(_values(tmp_path), log=again.append)["results"] == results
     assert all("finished earlier, skipped" in line for line in again)
+    # ... but never a finished run made with other settings, nor a warm-up made by another config.
+    with pytest.raises(ConfigError, match=r"other settings \(train.max_sampled_responses: 48 -> 32\)"):
+        run_grid(_values(tmp_path, **{"train.max_sampled_responses": 32}))
+    changed = run_config(_values(tmp_path, **{"warmup.learning_rate": 1e-2}), "grpo", 0)
+    with pytest.raises(ConfigError, match=r"saved warm-up .* other settings \(warmup.learning_rate: 0.003 -> 0.01\)"):
+        check_saved(
+            tmp_path / "warmup" / "seed0" / "warmup_config.json",
+            warmup_settings(changed, 100),
+            "the saved warm-up",
+            print,
+        )
+    # Evaluations every 16 sampled responses: GRPO's steps 1 and 2 (16 and 32), not the budget's end.
+    evals = [r for r in map(json.loads, open(tmp_path / "grpo" / "seed0" / "metrics.jsonl")) if "eval/avg@4" in r]
+    assert [(r["step"], r["sampled_responses"]) for r in evals] == [(1, 16.0), (2, 32.0), (3, 48.0)]
 
     summary = write_summary(tmp_path, results)
     assert summary["metrics"] == ["greedy_pass@1", "avg@4", "pass@4"]

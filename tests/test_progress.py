@@ -2,6 +2,7 @@
 responses, not `train.steps`."""
 
 import io
+import json
 
 from gtpo_jax.config import from_dict
 from gtpo_jax.training import metrics as metrics_lib
@@ -66,3 +67,17 @@ def test_evaluation_every_n_responses_is_the_same_x_for_every_sampling_pattern()
     # The step cadence is unchanged, except that the budget's last step has the final evaluation.
     assert _due_steps({"every": 20}, [16] * 128, budget=32768) == [20, 40, 60, 80, 100, 120]
     assert _due_steps({"every": 20}, [16] * 40, budget=0, steps=40) == [20]
+
+
+def test_a_resume_drops_the_records_the_killed_run_logged_past_its_checkpoint(tmp_path):
+    w = MetricsWriter(tmp_path, 10, tensorboard=False, stream=io.StringIO())
+    for step in range(1, 6):
+        w.write(step, {"loss": float(step)})
+    w.rewind(3)  # restored at step 3: steps 4 and 5 are logged again by the resumed run
+    w.write(4, {"loss": 40.0})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and "dropped 2 records after step 3" in w.stream.getvalue()
+    w.rewind(-1)  # a fresh start in the same directory keeps nothing of the earlier run
+    w.write(1, {"loss": 1.0})
+    w.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gtpo_jax.config import Config, from_dict
+from gtpo_jax.config import Config, from_dict, to_dict
 from gtpo_jax.errors import ConfigError
 from gtpo_jax.training.build import build, initial_params, load_data
 from gtpo_jax.training.checkpoint import abstract_params
@@ -80,8 +80,10 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
     (`warmup_steps` supervised steps; 0 = the initialisation itself)."""
     run = build(cfg, train=False)
     path = (directory / "params").absolute()
+    made_by = warmup_settings(cfg, warmup_steps)
     with ocp.StandardCheckpointer() as ckptr:
         if path.exists():
+            check_saved(directory / "warmup_config.json", made_by, f"the saved warm-up {directory}", log)
             return ckptr.restore(path, abstract_params(run.model, run.mesh))
         params = initial_params(run)
         if warmup_steps:
@@ -91,8 +93,41 @@ def warm_start(cfg: Config, warmup_steps: int, directory: Path, log: Callable[[s
         directory.mkdir(parents=True, exist_ok=True)
         ckptr.save(path, params)
         ckptr.wait_until_finished()
+        (directory / "warmup_config.json").write_text(json.dumps(made_by, indent=1))
         log(f"seed {cfg.train.seed}: starting parameters saved to {path}")
     return params
+
+
+def warmup_settings(cfg: Config, steps: int) -> dict[str, Any]:
+    """What a seed's warm-up depends on: its own section (with the grid's step count), the seed,
+    the model, tokenizer and data."""
+    d = to_dict(cfg)
+    return {
+        "warmup": {**d["warmup"], "steps": steps},
+        "train": {"seed": d["train"]["seed"]},
+        **{k: d[k] for k in ("model", "tokenizer", "data")},
+    }
+
+
+def check_saved(path: Path, now: dict[str, Any], what: str, log: Callable[[str], None]) -> None:
+    """Refuses to reuse `what` when the settings saved beside it (`path`) differ from `now`'s;
+    one saved by a version that wrote no settings is adopted with a warning."""
+    if not path.exists():
+        log(f"warning: {what} has no {path.name} (an older version): reused as is, assuming this config made it")
+        path.write_text(json.dumps(now, indent=1))
+        return
+    saved = json.loads(path.read_text())
+    diffs = [
+        f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
+        for s, vs in now.items()
+        for k, v in vs.items()
+        if json.dumps(saved.get(s, {}).get(k)) != json.dumps(v)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{what} was made with other settings ({'; '.join(diffs)}): delete it to run it again "
+            "with this config, or restore the settings"
+        )
 
 
 def mean_response_tokens(run_dir: Path) -> float:
@@ -130,6 +165,7 @@ def run_cell(cfg: Config, variant: str, params: Any) -> dict[str, Any]:
         "mean_response_tokens": mean_response_tokens(directory),
         "start": out["start_eval"],
         "final": out["final_eval"],
+        "config": to_dict(cfg),
     }
     (directory / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -140,6 +176,14 @@ def run_grid(values: Mapping[str, Any], log: Callable[[str], None] = print) -> d
     base = from_dict(values)  # the shared settings must be valid on their own
     if not base.train.max_sampled_responses:
         raise ConfigError("train.max_sampled_responses=0: a comparison needs a sampling budget, equal for every run")
+    t = base.train
+    per_round = t.prompts_per_step * base.loss.group_size
+    if t.steps * per_round < t.max_sampled_responses:  # a run without refills would stop at the step limit
+        raise ConfigError(
+            f"train.steps={t.steps}: {t.steps} x {per_round} responses a step < train.max_sampled_responses="
+            f"{t.max_sampled_responses}: GRPO-style runs would stop at the step limit, short of the budget"
+        )
+    budget = t.max_sampled_responses // per_round * per_round  # what every run samples: whole rounds
     root, compare = Path(base.train.run_dir), base.compare
     cells = [(seed, v) for seed in compare.seeds for v in compare.variants]
     configs = {cell: run_config(values, cell[1], cell[0]) for cell in cells}  # every variant checked up front
@@ -148,7 +192,9 @@ def run_grid(values: Mapping[str, Any], log: Callable[[str], None] = print) -> d
         cfg = configs[(seed, variant)]
         done = Path(cfg.train.run_dir) / "result.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            result = json.loads(done.read_text())
+            check_finished(result, cfg, done)
+            results.append(result)
             log(f"[{i + 1}/{len(cells)}] {variant} seed {seed}: finished earlier, skipped")
             continue
         params = warm_start(cfg, base.warmup.steps, root / "warmup" / f"seed{seed}", log)
@@ -157,6 +203,11 @@ def run_grid(values: Mapping[str, Any], log: Callable[[str], None] = print) -> d
         if not result:
             log(f"[{i + 1}/{len(cells)}] {variant} seed {seed}: stopped; run the same command to resume")
             return {"root": str(root), "results": results, "stopped": True}
+        if result["sampled_responses"] != budget:
+            raise ConfigError(
+                f"{variant} seed {seed} sampled {result['sampled_responses']} responses, not the budget's "
+                f"{budget} ({cfg.train.run_dir}): the comparison would not be at equal budgets"
+            )
         results.append(result)
         times.append(time.time() - start)
         eta = np.mean(times) * (len(cells) - i - 1)
@@ -165,6 +216,40 @@ def run_grid(values: Mapping[str, Any], log: Callable[[str], None] = print) -> d
             f"{(time.time() - t0) / 60:.1f} min, eta {eta / 60:.1f} min"
         )
     return {"root": str(root), "results": results, "stopped": False}
+
+
+# Fields a finished run's result does not depend on (where it logged, how it was split over devices).
+_NOT_RESULTS = (
+    "train.run_dir",
+    "train.resume",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "reward.num_workers",
+    "metrics",
+    "compare",
+    "mesh",
+)
+
+
+def check_finished(result: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuses to count a finished run made with other settings than this grid's cell."""
+    if "config" not in result:
+        raise ConfigError(f"{path} was written by an older version (no config): delete it to run the cell again")
+    now, saved = to_dict(cfg), result["config"]
+    diffs = [
+        f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
+        for s, vs in now.items()
+        for k, v in vs.items()
+        if s not in _NOT_RESULTS
+        and f"{s}.{k}" not in _NOT_RESULTS
+        and json.dumps(saved.get(s, {}).get(k)) != json.dumps(v)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{path}: a finished run with other settings ({'; '.join(diffs)}): delete its directory "
+            "to run it with this config"
+        )
 
 
 def _brief(result: dict[str, Any]) -> str:

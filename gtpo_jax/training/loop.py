@@ -212,6 +212,7 @@ class Trainer:
         if step is not None:
             self.state, data_state, meta = self.checkpointer.restore(step, self.state)
             check_resume(meta.get("config", {}), self.meta["config"], self.checkpointer.directory)
+            self.metrics.rewind(step)
             self.pipeline.set_state(data_state)
             self.meta.update({k: v for k, v in meta.items() if k != "config"})
         return step
@@ -270,6 +271,7 @@ class Trainer:
             if saved_reference(cfg, self.state.params):
                 self.ref_params = self.checkpointer.reference(self.state.params, save=False)
             return
+        self.metrics.rewind(-1)
         if cfg.warmup.steps > 0:
             self.warmup()
         self.meta["start_eval"] = self.evaluate()
@@ -286,7 +288,7 @@ class Trainer:
         if record is not None:
             if eval_due(cfg, step, record, self._rounds_left()):
                 record.update(_prefixed(self.evaluate()))
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or any(k.startswith("eval/") for k in record):
                 self.metrics.write(step, record)
                 self.metrics.progress(step, record, CONSOLE_KEYS)
             if agreed(guard.requested):  # every process decides the same, at the same step

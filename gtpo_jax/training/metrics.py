@@ -93,6 +93,23 @@ class MetricsWriter:
         if wandb:
             self.wandb = _init_wandb(wandb, config, run_dir)
 
+    def rewind(self, step: int) -> None:
+        """Drops the records after `step` from metrics.jsonl (a resume from step `step`'s
+        checkpoint: the killed run may have logged steps past it, which the resume logs again; -1 =
+        a fresh start, which keeps nothing of an earlier run in the same directory)."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self.jsonl.close()
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step] if step >= 0 else []
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.jsonl = open(path, "a", encoding="utf-8")
+        if len(kept) < len(lines):
+            self.message(
+                f"metrics.jsonl: dropped {len(lines) - len(kept)} records after step {step} (logged again now)"
+            )
+
     def write(self, step: int, record: dict[str, Any]) -> None:
         """Appends `{"step": step, **record}` (floats; non-finite values written as null)."""
         if not self.enabled:
