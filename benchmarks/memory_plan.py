@@ -12,16 +12,21 @@ the trainer itself calls (docs/architecture.md, "one RL step"):
 
 - `rollout`: `rollout/sampler.py sample` on one sampler call: `rollout_prompts` prompts padded to
   the largest prompt bucket, `G` responses each, `max_new_tokens` decode steps;
-- `score`: `StepFns.score` (`training/update.py`) on the step's `prompts_per_step` groups;
-- `update`: `StepFns.update` on one mini-batch (`StepFns.take`'s padded rows), gradient
-  accumulation over the micro-batches included.
+- `score`: `StepFns.score` (`training/update.py`) on the step's `prompts_per_step` groups, in
+  micro-batches of `train.micro_batch_size` sequences;
+- `update`: `StepFns.update` on one mini-batch (`StepFns.take`'s prompts), gradient accumulation
+  over its micro-batches of `train.micro_batch_size` sequences included. Both pad a micro-batch to
+  a multiple of the mesh's batch width (`padded_micro_rows`).
 
 Each phase prints one JSON line: XLA's `memory_analysis()` of the compiled, SPMD-partitioned
 program, per device: `argument_bytes` (inputs: parameters, state, batch shards), `output_bytes`,
 `temp_bytes` (XLA's scratch buffers: activations, KV cache copies, gathered weights),
-`alias_bytes` (outputs that reuse an input buffer), and `per_device_bytes = argument_bytes +
-output_bytes - alias_bytes + temp_bytes`, the bytes live at once in the worst case, compared with
-`--hbm_gib` (`fits`). These are the CPU compiler's buffer assignments: the TPU compiler fuses and
+`alias_bytes` (outputs that reuse an input buffer: the update donates its state), and
+`per_device_bytes = argument_bytes + output_bytes - alias_bytes + temp_bytes`, the program's
+bytes live at once in the worst case. `resident` names what else stays on the device during the
+phase (AdamW's state while sampling and scoring, the step's rollout and loss batch, a KL
+reference; `resident` below), `resident_bytes` is their sum, and `fits` is `per_device_bytes +
+resident_bytes <= --hbm_gib` (`peak_gib`). These are the CPU compiler's buffer assignments: the TPU compiler fuses and
 lays out differently (padding to (8, 128) tiles, its own rematerialisation), so treat the figure as
 an estimate to be checked with the real chip's `memory_analysis()`, with headroom.
 
@@ -30,8 +35,9 @@ the body of a while loop ONCE: the decode loop (`max_new_tokens` steps), the lay
 (`num_layers` iterations), the micro-batch scan and the attention block loops all run many times
 more than counted. So `xla_flops` is NOT the work of the phase; `analytic_flops` is (whole mesh):
 `2 x matmul parameters x tokens` (plus the unembedding on the tokens that are scored or sampled)
-plus causal attention `4 x layers x heads x head_dim x context` per token; the backward pass is
-twice the forward, and rematerialisation adds one forward. `predicted_seconds` is
+plus causal attention `4 x layers x heads x head_dim x context` per token, over the rows the
+policy runs on (masked padding rows of the micro-batches included); the backward pass is twice
+the forward, and rematerialisation adds one forward. `predicted_seconds` is
 `analytic_flops / (devices x peak_tflops x mfu)` for the calls a step makes (sampler chunks,
 one scoring pass, `ppo_epochs x mini_batches` updates), assuming every response runs to
 `max_new_tokens`. Decoding is rarely compute-bound: `decode_bandwidth_seconds` is the time to read
@@ -72,13 +78,13 @@ from ml_collections import config_flags  # noqa: E402
 from gtpo_jax.config import Config, from_config_dict  # noqa: E402
 from gtpo_jax.models import presets  # noqa: E402
 from gtpo_jax.models.lora import split_trainable  # noqa: E402
-from gtpo_jax.models.sharding import ModelDef, param_shardings, rows_sharding  # noqa: E402
+from gtpo_jax.models.sharding import ModelDef, batch_width, param_shardings, rows_sharding  # noqa: E402
 from gtpo_jax.models.transformer import ModelConfig  # noqa: E402
 from gtpo_jax.parallel.mesh import mesh_from_config  # noqa: E402
-from gtpo_jax.rollout.sampler import SamplingConfig, sample  # noqa: E402
+from gtpo_jax.rollout.sampler import Rollout, SamplingConfig, sample  # noqa: E402
 from gtpo_jax.training.build import model_overrides, run_optimizer  # noqa: E402
 from gtpo_jax.training.state import TrainState  # noqa: E402
-from gtpo_jax.training.update import Groups, step_fns  # noqa: E402
+from gtpo_jax.training.update import Groups, micro_rows, step_fns  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.mark_flags_as_required(["config"])
@@ -106,9 +112,11 @@ class Shapes:
     rollout_calls: int  # sampler calls per step (no dynamic-sampling refills counted)
     score_prompts: int  # prompts of the scoring call (the whole step)
     update_calls: int  # optimiser updates per step
+    micro_rows: int  # sequences per micro-batch of the scoring pass and the update
+    batch_width: int  # devices a micro-batch's rows are split over (padded to a multiple of it)
 
 
-def phase_shapes(cfg: Config, rollout_rows: int = -1) -> Shapes:
+def phase_shapes(cfg: Config, mesh: Mesh, rollout_rows: int = -1) -> Shapes:
     """Per-phase shapes of `cfg`; `rollout_rows` sequences per sampler call (-1: the config's
     `rollout.batch_size` when the section has it, 0 = all the step's sequences)."""
     t, G = cfg.train, cfg.loss.group_size
@@ -126,6 +134,8 @@ def phase_shapes(cfg: Config, rollout_rows: int = -1) -> Shapes:
         rollout_calls=sequences // rows,
         score_prompts=t.prompts_per_step,
         update_calls=t.ppo_epochs * t.mini_batches,
+        micro_rows=micro_rows(cfg),
+        batch_width=batch_width(mesh),
     )
 
 
@@ -198,10 +208,17 @@ def lower_phase(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> Any:
         return sample.lower(model, params, _rows(mesh, (P, Lp), jnp.int32), _rows(mesh, (P, Lp), bool), key, sampling)
     optimizer = run_optimizer(cfg)
     fns = step_fns(model, cfg, optimizer, mesh)
-    groups = _groups(mesh, s.score_prompts, s)
     if phase == "score":
-        return fns.score.lower(params, groups)
+        return fns.score.lower(params, _groups(mesh, s.score_prompts, s))
+    mini = jax.eval_shape(fns.take, step_batch(cfg, mesh, s, fns), jnp.int32(0))
+    mini = jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), mini)
+    return fns.update.lower(abstract_state(params, optimizer, mesh), *mini, None)
+
+
+def step_batch(cfg: Config, mesh: Mesh, s: Shapes, fns: Any) -> tuple[Groups, Any]:
+    """The step's `(Groups, LossBatch)` that the update's mini-batches are taken from."""
     P, G, T = s.score_prompts, s.group_size, s.response_len
+    groups = _groups(mesh, P, s)
     verdicts = (
         _rows(mesh, (P, G), jnp.float32),
         _rows(mesh, (P, G), bool),
@@ -212,9 +229,35 @@ def lower_phase(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> Any:
     ref = per_token if cfg.loss.kl_coef > 0 else None
     pg = _rows(mesh, (P, G), jnp.int32)
     batch, _ = jax.eval_shape(fns.prepare, verdicts, groups, pg, pg, per_token, per_token, ref)
-    mini = jax.eval_shape(fns.take, (groups, batch), jnp.int32(0))
-    mini = jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), mini)
-    return fns.update.lower(abstract_state(params, optimizer, mesh), *mini, None)
+    return groups, jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), batch)
+
+
+def resident(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, int]:
+    """Per-device bytes that stay on the device during `phase` without being its arguments or
+    outputs (`fits` adds them): AdamW's state while the sampler and the scoring pass run (the
+    parameters are their arguments), a saved KL reference (loss.kl_coef > 0 without LoRA), the
+    step's rollout (`Rollout` of every sampler call: the other calls' while sampling; kept to the
+    end of the step, its log-probs for the sampler/trainer drift), the policy's log-probs and
+    entropies while the reference is scored, and the whole step's `(Groups, LossBatch)` that the
+    update's mini-batches are taken from. XLA's figures count the update's state once: it is
+    donated (`alias_bytes`)."""
+    model = ModelDef.of(model_config(cfg))
+    params = abstract_params(model, mesh)
+    P, G, T = s.score_prompts, s.group_size, s.response_len
+    pgt = lambda dtype: _rows(mesh, (P, G, T), dtype)  # noqa: E731
+    pg = lambda dtype: _rows(mesh, (P, G), dtype)  # noqa: E731
+    rollout = shard_bytes(Rollout(pgt(jnp.int32), pgt(bool), pgt(jnp.float32), pg(jnp.int32), pg(jnp.int32)))
+    out = {}
+    if phase != "update":
+        out["opt_state"] = shard_bytes(abstract_state(params, run_optimizer(cfg), mesh).opt_state)
+    if cfg.loss.kl_coef > 0 and not cfg.model.lora_rank:
+        out["kl_reference"] = shard_bytes(params)
+    out["rollout"] = rollout * (s.rollout_calls - 1) // s.rollout_calls if phase == "rollout" else rollout
+    if phase == "score" and cfg.loss.kl_coef > 0:
+        out["policy_logp_entropy"] = 2 * shard_bytes(pgt(jnp.float32))
+    if phase == "update":
+        out["step_batch"] = shard_bytes(step_batch(cfg, mesh, s, step_fns(model, cfg, run_optimizer(cfg), mesh)))
+    return out
 
 
 def _matmul_params(m: ModelConfig) -> int:
@@ -239,12 +282,19 @@ def analytic_flops(phase: str, cfg: Config, s: Shapes) -> tuple[float, int]:
         prefill = forward_flops(m, P * Lp, Lp / 2, P)
         return prefill + forward_flops(m, P * G * T, Lp + T / 2, P * G * T), s.rollout_calls
     if phase == "score":
-        P = s.score_prompts
+        rows = computed_rows(s.score_prompts * G, s)
         calls = 2 if cfg.loss.kl_coef > 0 else 1  # the reference's pass too
-        return forward_flops(m, P * G * (Lp + T), (Lp + T) / 2, P * G * T), calls
-    P = s.score_prompts // cfg.train.mini_batches
+        return forward_flops(m, rows * (Lp + T), (Lp + T) / 2, rows * T), calls
+    rows = computed_rows(s.score_prompts // cfg.train.mini_batches * G, s)
     passes = 3 + (1 if m.remat else 0)  # forward, backward (2x), and the rematerialised forward
-    return passes * forward_flops(m, P * G * (Lp + T), (Lp + T) / 2, P * G * T), s.update_calls
+    return passes * forward_flops(m, rows * (Lp + T), (Lp + T) / 2, rows * T), s.update_calls
+
+
+def computed_rows(rows: int, s: Shapes) -> int:
+    """Sequence rows the policy runs on for `rows` real ones: micro-batches of `micro_rows`,
+    each padded to `padded_micro_rows` (training/update.py `micro_split`)."""
+    size = min(s.micro_rows, rows)
+    return -(-rows // size) * -(-size // s.batch_width) * s.batch_width
 
 
 def shard_bytes(tree: Any) -> int:
@@ -254,8 +304,9 @@ def shard_bytes(tree: Any) -> int:
     )
 
 
-def memory_fields(compiled: Any, hbm_gib: float) -> dict[str, Any]:
-    """Per-device bytes of a compiled program (see the module docstring for the identity)."""
+def memory_fields(compiled: Any, hbm_gib: float, resident_bytes: dict[str, int]) -> dict[str, Any]:
+    """Per-device bytes of a compiled program (see the module docstring for the identity), and
+    `fits`: those plus what else stays on the device meanwhile (`resident`) within `hbm_gib`."""
     mem = compiled.memory_analysis()
     out = {
         "argument_bytes": int(mem.argument_size_in_bytes),
@@ -265,12 +316,16 @@ def memory_fields(compiled: Any, hbm_gib: float) -> dict[str, Any]:
         "generated_code_bytes": int(mem.generated_code_size_in_bytes),
     }
     total = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    held = sum(resident_bytes.values())
     return {
         "per_device_bytes": total,
         "per_device_gib": round(total / GIB, 3),
         **out,
+        "resident_bytes": held,
+        "resident": resident_bytes,
+        "peak_gib": round((total + held) / GIB, 3),
         "hbm_gib": hbm_gib,
-        "fits": total <= hbm_gib * GIB,
+        "fits": total + held <= hbm_gib * GIB,
     }
 
 
@@ -290,7 +345,7 @@ def plan_phase(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, Any]
         t2 = time.perf_counter()
     flops, calls = analytic_flops(phase, cfg, s)
     devices, rate = mesh.size, _PEAK.value * 1e12 * _MFU.value
-    record = {"phase": phase, **memory_fields(compiled, _HBM.value)}
+    record = {"phase": phase, **memory_fields(compiled, _HBM.value, resident(phase, cfg, mesh, s))}
     record |= {
         "xla_flops": _xla_flops(compiled),
         "xla_flops_note": "per device, each while-loop body (decode steps, layer scan, micro-batches) counted once",
@@ -321,6 +376,7 @@ def describe(cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, Any]:
         "shapes": dataclasses.asdict(s),
         "mini_batch_prompts": t.prompts_per_step // t.mini_batches,
         "micro_batch_size": t.micro_batch_size,
+        "padded_micro_rows": -(-s.micro_rows // s.batch_width) * s.batch_width,
         "remat": m.remat,
         "attention": m.attention,
         "params": sum(x.size for x in jax.tree.leaves(params)),
@@ -336,7 +392,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.ERROR)  # sharding fallbacks repeat for every phase
     cfg = from_config_dict(_CONFIG.value)
     mesh = mesh_from_config(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data)
-    s = phase_shapes(cfg, _ROLLOUT_ROWS.value)
+    s = phase_shapes(cfg, mesh, _ROLLOUT_ROWS.value)
     common = describe(cfg, mesh, s)
     for phase in _PHASES.value:
         print(json.dumps({**plan_phase(phase, cfg, mesh, s), **common}), flush=True)

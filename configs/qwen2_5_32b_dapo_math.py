@@ -8,11 +8,11 @@ Everything as in `qwen2_5_7b_dapo_math.py` except the model and 4-way tensor par
 v5p-128 slice (64 chips of 95 GiB; v5p-N counts TensorCores, two per chip), mesh fsdp 16 x
 tensor 4 (float32 parameters plus AdamW state and gradients need about 0.5 TB of HBM).
 `benchmarks/memory_plan.py` on 64 fake CPU devices (`benchmarks/results/
-memory_plan_qwen2_5_32b_v5p128.json`) puts the per-device peak at 69.4 GiB for a sampler call
-of 256 sequences (`--rollout_batch_size=256`), 37.0 GiB for the scoring pass (16 prompts per
-chunk, planned before `train.micro_batch_size` replaced `micro_batches`) and 54.3 GiB for
-an update (1 prompt per micro-batch).
-NOT fitting on the current code: see `qwen2_5_7b_dapo_math.py` (micro-batch padding by prompt).
+memory_plan_qwen2_5_32b_v5p128.json`; peak = the program's bytes + what stays resident, e.g.
+AdamW's state while sampling) puts the per-device peak at 73.3 GiB for a sampler call of
+`rollout.batch_size` = 256 sequences, 8.8 GiB for the scoring pass and 53.3 GiB for an update,
+in micro-batches of `train.micro_batch_size` = 16 sequences (the batch width, fsdp 16: one per
+data-parallel group, none padded).
 """
 
 import importlib.util

@@ -12,17 +12,16 @@ takes that algorithm's own recipe (clip range, aggregation, KL, dynamic sampling
 only the loss fields in `LOSS_OVERRIDES`, which every algorithm shares.
 
 Planned for a v5p-32 slice: 16 chips (v5p-N counts TensorCores, two per chip; JAX sees one
-device per chip) of 95 GiB, FSDP over all 16. `benchmarks/memory_plan.py` (compiled on 16 fake
-CPU devices, `benchmarks/results/memory_plan_qwen2_5_7b_v5p32.json`) puts the per-device peak
-at 62.7 GiB for a sampler call of 256 sequences (16 prompts; `--rollout_batch_size=256`: the
-sampler must be called in such chunks, 8192 sequences of 22528 tokens would need a 10.6 TB
-KV cache), 66.5 GiB for the scoring pass (16 prompts per
-chunk, planned before `train.micro_batch_size` replaced `micro_batches`) and
-32.2 GiB for an update (1 prompt, 16 sequences, per micro-batch; `remat`). The plan lowers
-under `jax.set_mesh`, so the model keeps its activations' rows on the batch axes.
-NOT fitting on the current code: micro-batches are padded to whole prompts per device, so the
-update's 16-sequence micro-batch becomes 16 prompts on 16 devices (the 7B update re-planned at
-363.8 GiB, README "Memory plan of the paper's configs"); open in issue 17.
+device per chip) of 95 GiB, FSDP over all 16; sampler calls of `rollout.batch_size` = 256
+sequences (16 prompts: 8192 sequences of 22528 tokens at once would need a 10.6 TB KV cache),
+micro-batches of `train.micro_batch_size` = 32 sequences (2 per chip; a multiple of the batch
+width up to a v5p-64, so no micro-batch is padded), `remat`. `benchmarks/memory_plan.py`
+(compiled on fake CPU devices; peak = the program's bytes + what stays resident, e.g. AdamW's
+state while sampling) puts the per-device peak at 66.4 GiB for a sampler call, 14.0 GiB for
+the scoring pass and 53.5 GiB for an update on 16 devices
+(`benchmarks/results/memory_plan_qwen2_5_7b_v5p32.json`), and at 34.1, 7.9 and 27.1 GiB on
+32 (a v5p-64, `memory_plan_qwen2_5_7b_v5p64.json`). The plan lowers under `jax.set_mesh`, so
+the model keeps its activations' rows on the batch axes.
 """
 
 from gtpo_jax.config import base_config
@@ -49,7 +48,7 @@ def get_config():
     # G = 16 is every recipe's default; the rest of the loss is the algorithm's recipe.
     c.loss.update(algorithm="gtpo", overlong_buffer_len=4096, overlong_penalty=1.0)
     c.optim.update(learning_rate=1e-6, warmup_steps=10, weight_decay=0.1, max_grad_norm=1.0)
-    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batch_size=16,
+    c.train.update(steps=500, prompts_per_step=512, ppo_epochs=1, mini_batches=16, micro_batch_size=32,
                    run_dir="runs/qwen2_5_7b_dapo_math", checkpoint_every=10, keep_checkpoints=3)  # fmt: skip
     c.eval.update(every=20, num_prompts=30, samples=32, temperature=1.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1)

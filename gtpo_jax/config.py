@@ -174,19 +174,18 @@ class Config:
 
 
 def _check_batch_sizes(r: RolloutSection, t: TrainSection, g: int) -> None:
-    """Sampler calls and micro-batches hold whole groups of `g` sequences; a micro-batch divides
-    its mini-batch."""
+    """Sampler calls hold whole groups of `g` sequences; a micro-batch (sequences, a group may
+    straddle two: training/update.py) divides its mini-batch."""
     if r.batch_size % g:
         raise ConfigError(
             f"rollout.batch_size={r.batch_size}: must be 0 (the whole step in one sampler call) or a multiple of "
             f"loss.group_size={g} (the {g} samples of a prompt are drawn in one call)"
         )
     mini = t.prompts_per_step // t.mini_batches * g
-    if t.micro_batch_size % g or (t.micro_batch_size and mini % t.micro_batch_size):
+    if t.micro_batch_size and mini % t.micro_batch_size:
         raise ConfigError(
-            f"train.micro_batch_size={t.micro_batch_size}: must be 0 (the whole mini-batch) or a multiple of "
-            f"loss.group_size={g} (groups are never split) that divides a mini-batch's {mini} sequences "
-            "(train.prompts_per_step x loss.group_size / train.mini_batches)"
+            f"train.micro_batch_size={t.micro_batch_size}: must be 0 (the whole mini-batch) or divide a "
+            f"mini-batch's {mini} sequences (train.prompts_per_step x loss.group_size / train.mini_batches)"
         )
 
 

@@ -391,8 +391,9 @@ class TrainSection(Section):
     mini_batches: int = 1
     # Sequences (prompts x loss.group_size) per micro-batch, 0 = the whole mini-batch: the
     # scoring pass runs over the rollout in chunks of this size, and the update accumulates each
-    # mini-batch's gradient over micro-batches of this size (exact: sums and denominators add up).
-    # A multiple of loss.group_size that divides a mini-batch's sequences.
+    # mini-batch's gradient over micro-batches of this size (exact: sums and denominators add up;
+    # a group may straddle two micro-batches). Divides a mini-batch's sequences; a multiple of the
+    # mesh's batch width (data x fsdp devices), else each micro-batch is padded to one (logged).
     micro_batch_size: int = 0
     # The scoring pass and the update run over the batch's longest response rounded up to one of
     # this many lengths, rollout.max_new_tokens / 2**k for k < length_buckets (rounded up): at 4,

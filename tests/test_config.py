@@ -215,15 +215,15 @@ def test_checks_that_span_fields_name_the_field_to_change():
         "loss.group_size=8 (the 8 samples of a prompt are drawn in one call)"
     )
     assert from_dict({"rollout": {"batch_size": 16}, "loss": {"group_size": 8}}).rollout.batch_size == 16
-    micro = "train.micro_batch_size={}: must be 0 (the whole mini-batch) or a multiple of loss.group_size=4 (groups "
-    micro += "are never split) that divides a mini-batch's 32 sequences (train.prompts_per_step x loss.group_size / "
-    micro += "train.mini_batches)"
+    micro = "train.micro_batch_size={}: must be 0 (the whole mini-batch) or divide a mini-batch's 32 sequences "
+    micro += "(train.prompts_per_step x loss.group_size / train.mini_batches)"
     sizes = {"loss": {"group_size": 4}, "train": {"prompts_per_step": 16, "mini_batches": 2}}
-    for bad in (6, 12):  # not whole groups; whole groups that do not divide the mini-batch
+    for bad in (6, 12):  # sizes that do not divide the mini-batch
         sizes["train"]["micro_batch_size"] = bad
         assert error(sizes) == micro.format(bad)
-    sizes["train"]["micro_batch_size"] = 8
-    assert from_dict(sizes).train.micro_batch_size == 8
+    for good in (8, 2):  # whole groups, or half a group (a group straddles two micro-batches)
+        sizes["train"]["micro_batch_size"] = good
+        assert from_dict(sizes).train.micro_batch_size == good
 
 
 def test_the_removed_micro_batches_field_names_its_replacement():

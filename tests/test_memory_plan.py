@@ -36,7 +36,26 @@ def test_bytes_add_up_and_fits_compares_with_the_hbm(records):
     for r in records.values():
         total = r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
         assert r["per_device_bytes"] == total > 0
-        assert r["fits"] == (total <= 0.004 * 2**30)
+        assert r["resident_bytes"] == sum(r["resident"].values()) > 0
+        assert r["fits"] == (total + r["resident_bytes"] <= 0.004 * 2**30)
+
+
+def test_fits_counts_what_stays_resident_during_each_phase(records):
+    """AdamW's two moments stay on the device while the sampler and the scoring pass run (their
+    arguments hold only the parameters); the step's rollout stays through the step; the update
+    takes its mini-batch from the whole step's loss batch, and donates its state (the new state
+    reuses the old one's buffers: counted once)."""
+    params = records["rollout"]["param_bytes_per_device"]
+    for phase in ("rollout", "score"):
+        assert records[phase]["resident"]["opt_state"] == pytest.approx(2 * params, rel=0.01)
+    assert set(records["update"]["resident"]) == {"rollout", "step_batch"}  # no KL reference: kl_coef 0
+    # The rollout of the step: 16 prompts x G = 8 sequences of T = 5 tokens, 9 bytes a token
+    # (int32 token, bool mask, float32 log-prob) and 8 a sequence (length, finish reason), over 4 devices;
+    # while sampling, the other call's half.
+    rollout = 16 * 8 * (9 * 5 + 8) // 4
+    assert records["score"]["resident"]["rollout"] == records["update"]["resident"]["rollout"] == rollout
+    assert records["rollout"]["resident"]["rollout"] == rollout // 2
+    assert records["update"]["alias_bytes"] >= 3 * params  # the donated state
     # The tiny model's sampler fits in 4 MiB, its update (three copies of the parameters and more) does not.
     assert records["rollout"]["fits"] and not records["update"]["fits"]
 
@@ -61,8 +80,10 @@ def test_shapes_follow_the_config_and_flags(records):
         "rollout_calls": 2,  # 16 prompts x 8 / 64
         "score_prompts": 16,
         "update_calls": 1,
+        "micro_rows": 64,  # train.micro_batch_size
+        "batch_width": 4,
     }
-    assert records["update"]["micro_batch_size"] == 64
+    assert records["update"]["micro_batch_size"] == records["update"]["padded_micro_rows"] == 64
 
 
 def test_predicted_seconds_are_the_analytic_flops_at_the_stated_mfu(records):

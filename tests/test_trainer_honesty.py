@@ -414,26 +414,27 @@ def test_host_verdicts_follow_the_loss_rule():
 
 
 # ---- Micro-batches mean the same thing everywhere (train.micro_batch_size) -----------------
-@pytest.mark.parametrize(("micro_batch_size", "prompts"), [(8, 2), (0, 4)])
+@pytest.mark.parametrize(("micro_batch_size", "rows", "padded"), [(8, 8, 8), (2, 2, 8), (0, 16, 16)])
 def test_scoring_chunks_and_update_micro_batches_hold_micro_batch_size_sequences(
-    tmp_path, monkeypatch, micro_batch_size, prompts
+    tmp_path, monkeypatch, micro_batch_size, rows, padded
 ):
     """8 prompts x G = 4, 2 mini-batches of 16 sequences: the scoring pass and the update's
-    gradient accumulation both run the policy on `micro_batch_size` sequences (`prompts` prompts;
-    0 = a whole mini-batch), and a micro-batch is padded to the mesh's batch width (8 devices)."""
+    gradient accumulation both run the policy on `micro_batch_size` sequences (`rows`; 0 = a
+    whole mini-batch), on 8 devices padded to a multiple of 8 sequences (`padded`), not of 8
+    prompts (which made a micro-batch of 8 sequences 32)."""
     from gtpo_jax.training import update as update_module
     from gtpo_jax.training.build import build, initial_params
     from gtpo_jax.training.state import init_state
 
     seen, score = [], update_module.score
 
-    def recording(model, rows, *args, **kwargs):  # the policy's rows at each trace
-        seen.append(rows.shape[0])
-        return score(model, rows, *args, **kwargs)
+    def recording(model, prompts, prompt_valid, responses, *args, **kwargs):  # sequences at each trace
+        seen.append(responses.shape[0] * responses.shape[1])
+        return score(model, prompts, prompt_valid, responses, *args, **kwargs)
 
     monkeypatch.setattr(update_module, "score", recording)
     overrides = {"train.prompts_per_step": 8, "train.mini_batches": 2, "train.micro_batch_size": micro_batch_size}
-    for mesh, padded in ((make_mesh(devices=jax.devices()[:1]), prompts), (make_mesh(fsdp=8), 8)):
+    for mesh, width_rows in ((make_mesh(devices=jax.devices()[:1]), rows), (make_mesh(fsdp=8), padded)):
         seen.clear()
         run = build(tiny_config(tmp_path, **overrides), mesh, train=True)
         state = jax.eval_shape(lambda p: init_state(p, run.optimizer, 0), initial_params(run))  # noqa: B023
@@ -441,10 +442,11 @@ def test_scoring_chunks_and_update_micro_batches_hold_micro_batch_size_sequences
         jax.eval_shape(run.fns.score, state.params, _groups(P, G, T))
         batch = (_groups(P, G, T), _loss_batch(P, G, T))
         mini = jax.eval_shape(run.fns.take, batch, jax.ShapeDtypeStruct((), jnp.int32))
-        assert mini[0].prompts.shape[0] == 4 // prompts * padded  # micro-batches padded to the batch width
+        assert mini[0].prompts.shape[0] == 4  # the mini-batch's prompts; the update cuts their rows
         jax.eval_shape(run.fns.update, state, *mini)
         # The scoring pass's chunk, then the update's micro-batches (traced before and in the scan).
-        assert seen == [prompts, padded, padded], seen
+        assert seen == [width_rows] * 3, seen
+        assert (run.fns.micro_rows, run.fns.padded_micro_rows) == (rows, width_rows)
 
 
 def _groups(P, G, T):
@@ -516,7 +518,7 @@ def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path,
             # The reference is the starting policy, as at step 1 (GRPO's KL needs its log-probs).
             groups, loss_batch, _ = loss_inputs(run, params, params, short, verdicts(short, **rule))
             assert run.length_buckets == {(groups.prompts.shape[1], groups.tokens.shape[-1])}  # counted by both
-            state = init_state(params, run.optimizer, 0, mesh=run.mesh)
+            state = init_state(jax.tree.map(jnp.copy, params), run.optimizer, 0, mesh=run.mesh)  # donated
             state, metrics = train_on(run.fns, state, groups, loss_batch, run.cfg)
             results.append((groups.tokens.shape[-1], metrics, _arrays(state.params)))
         (width_on, on, params_on), (width_off, off, params_off) = results

@@ -24,6 +24,7 @@ from typing import Any
 
 import flax.nnx as nnx
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -123,7 +124,8 @@ class Checkpointer:
                     path.rmtree()
                 ckptr.save(path, params)
                 ckptr.wait_until_finished()
-                return params
+                # A copy: the update donates the policy's buffers (training/update.py).
+                return jax.tree.map(jnp.copy, params)
             return ckptr.restore(path, _abstract(params))
 
     def close(self) -> None:
