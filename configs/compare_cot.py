@@ -54,8 +54,10 @@ The first grid (40960 responses, `eval.every=20` steps) took 479-496 s per GRPO 
 on every rollout (160 steps), DAPO-style variants only on informative groups (~87 steps), and the
 step cadence gave GRPO twice the evaluations (10 vs 6, ~9.5 s each; GRPO's step 2.2 s). The grid
 now evaluates every 7168 sampled responses (`eval.every_responses`: the same x for every
-variant) and stops at 28672 responses (112 GRPO steps, ~60 DAPO steps): ~310 s for a GRPO run
-alone on the machine, a margin under the 6-minute limit for other jobs beside it.
+variant) and stops at 28672 responses (112 GRPO steps, 56-61 DAPO-style steps). Measured in the
+committed grid (benchmarks/results/compare_cot.json): GRPO runs 371-441 s (seed 0 re-run alone:
+379 s, ~2.4 s a step), still over 6 minutes; the others 237-297 s. The 310 s estimated from the
+first grid's 2.1 s steps did not hold.
 """
 
 from gtpo_jax.config import base_config

@@ -96,7 +96,7 @@ def markdown(summary: dict[str, Any]) -> str:
         *[f"final {m} (%)" for m in metrics],
         *[f"Δ {m} (points)" for m in metrics],
         "response tokens",
-        "wall s",
+        "wall s, mean (max)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for v, row in summary["variants"].items():
@@ -106,7 +106,7 @@ def markdown(summary: dict[str, Any]) -> str:
             *[pct(row[m]) for m in metrics],
             *[pct(row[f"delta_{m}"]) for m in metrics],
             f"{row['mean_response_tokens']['mean']:.1f}",
-            f"{row['wall_s']['mean']:.0f}",
+            f"{row['wall_s']['mean']:.0f} ({max(row['wall_s']['values']):.0f})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     budget = summary["sampled_responses"]
