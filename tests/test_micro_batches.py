@@ -58,7 +58,14 @@ def _reference(run, params, groups, batch):
 
 # (algorithm, devices, micro_batch_size, padded rows): 12 sequences in groups of 4, micro-batches
 # of 6 (group 1 straddles two) or 2 (every group split in two), on 4 devices padded with masked rows.
-SPLITS = [("grpo", 4, 2, 4), ("dapo", 1, 6, 6), ("gtpo", 4, 6, 8), ("grpo_s", 1, 2, 2)]
+# grpo's case (4 devices, 2 rows padded to 4) repeats what gtpo's shows (4 devices, 6 padded to 8):
+# slow, to keep the default suite within its time.
+SPLITS = [
+    pytest.param("grpo", 4, 2, 4, marks=pytest.mark.slow),
+    ("dapo", 1, 6, 6),
+    ("gtpo", 4, 6, 8),
+    ("grpo_s", 1, 2, 2),
+]
 
 
 @pytest.mark.parametrize(("algorithm", "devices", "size", "padded"), SPLITS)
