@@ -109,6 +109,17 @@ def warmup_settings(cfg: Config, steps: int) -> dict[str, Any]:
     }
 
 
+def differences(saved: dict[str, Any], now: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """`section.field: saved -> now` for each field of `now` whose value (as JSON) differs in
+    `saved` (a field `saved` lacks counts as a difference), outside the sections or fields `skip`."""
+    return [
+        f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
+        for s, vs in now.items()
+        for k, v in vs.items()
+        if s not in skip and f"{s}.{k}" not in skip and json.dumps(saved.get(s, {}).get(k)) != json.dumps(v)
+    ]
+
+
 def check_saved(path: Path, now: dict[str, Any], what: str, log: Callable[[str], None]) -> None:
     """Refuses to reuse `what` when the settings saved beside it (`path`) differ from `now`'s;
     one saved by a version that wrote no settings is adopted with a warning."""
@@ -116,13 +127,7 @@ def check_saved(path: Path, now: dict[str, Any], what: str, log: Callable[[str],
         log(f"warning: {what} has no {path.name} (an older version): reused as is, assuming this config made it")
         path.write_text(json.dumps(now, indent=1))
         return
-    saved = json.loads(path.read_text())
-    diffs = [
-        f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
-        for s, vs in now.items()
-        for k, v in vs.items()
-        if json.dumps(saved.get(s, {}).get(k)) != json.dumps(v)
-    ]
+    diffs = differences(json.loads(path.read_text()), now)
     if diffs:
         raise ConfigError(
             f"{what} was made with other settings ({'; '.join(diffs)}): delete it to run it again "
@@ -236,15 +241,7 @@ def check_finished(result: dict[str, Any], cfg: Config, path: Path) -> None:
     """Refuses to count a finished run made with other settings than this grid's cell."""
     if "config" not in result:
         raise ConfigError(f"{path} was written by an older version (no config): delete it to run the cell again")
-    now, saved = to_dict(cfg), result["config"]
-    diffs = [
-        f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {v!r}"
-        for s, vs in now.items()
-        for k, v in vs.items()
-        if s not in _NOT_RESULTS
-        and f"{s}.{k}" not in _NOT_RESULTS
-        and json.dumps(saved.get(s, {}).get(k)) != json.dumps(v)
-    ]
+    diffs = differences(result["config"], to_dict(cfg), skip=_NOT_RESULTS)
     if diffs:
         raise ConfigError(
             f"{path}: a finished run with other settings ({'; '.join(diffs)}): delete its directory "
