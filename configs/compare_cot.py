@@ -55,9 +55,12 @@ on every rollout (160 steps), DAPO-style variants only on informative groups (~8
 step cadence gave GRPO twice the evaluations (10 vs 6, ~9.5 s each; GRPO's step 2.2 s). The grid
 now evaluates every 7168 sampled responses (`eval.every_responses`: the same x for every
 variant) and stops at 28672 responses (112 GRPO steps, 56-61 DAPO-style steps). Measured in the
-committed grid (benchmarks/results/compare_cot.json): GRPO runs 371-441 s (seed 0 re-run alone:
-379 s, ~2.4 s a step), still over 6 minutes; the others 237-297 s. The 310 s estimated from the
-first grid's 2.1 s steps did not hold.
+second grid: GRPO runs 371-441 s (seed 0 re-run alone: 379 s, ~2.4 s a step), over 6
+minutes; the others 237-297 s. The 310 s estimated from the first grid's 2.1 s steps did not hold.
+The grid now stops at 24576 responses (96 GRPO steps, ~50 DAPO-style steps) and evaluates every
+8192 (start, 8192, 16384, end: four evaluations of ~13 s): 96 x 2.4 + 4 x 13 + ~45 s of compilation
+and checkpoints ~ 330 s planned for a GRPO run. The committed grid's wall times are in
+benchmarks/results/compare_cot.json.
 """
 
 from gtpo_jax.config import base_config
@@ -79,7 +82,7 @@ def get_config():
     c.optim.update(learning_rate=2e-4, warmup_steps=0, max_grad_norm=1.0)
     c.warmup.update(steps=700, batch_size=64, learning_rate=3e-3)
     c.train.update(steps=1000, prompts_per_step=16, seed=0, run_dir="runs/compare_cot", checkpoint_every=50)
-    c.train.max_sampled_responses = 112 * 16 * 16  # 28672: 112 GRPO steps, ~60 DAPO steps with refills
-    c.eval.update(every_responses=7168, num_prompts=200, samples=16, temperature=1.0, greedy=True)
+    c.train.max_sampled_responses = 96 * 16 * 16  # 24576: 96 GRPO steps, ~50 DAPO steps with refills
+    c.eval.update(every_responses=8192, num_prompts=200, samples=16, temperature=1.0, greedy=True)
     c.mesh.update(data=1, fsdp=-1, tensor=1)  # every local device along fsdp
     return c
