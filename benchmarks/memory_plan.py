@@ -7,16 +7,18 @@
 Nothing of the model's size is allocated: the parameters, the optimizer state and the batches
 are `jax.ShapeDtypeStruct`s carrying their `NamedSharding`s on a mesh of `--devices` CPU devices
 (`--xla_force_host_platform_device_count`, set here before jax is imported), laid out by the
-config's `mesh` section. The three phases of a step are lowered and compiled with the functions
+config's `mesh` section. The four phases of a step are lowered and compiled with the functions
 the trainer itself calls (docs/architecture.md, "one RL step"):
 
 - `rollout`: `rollout/sampler.py sample` on one sampler call: `rollout_prompts` prompts padded to
   the largest prompt bucket, `G` responses each, `max_new_tokens` decode steps;
 - `score`: `StepFns.score` (`training/update.py`) on the step's `prompts_per_step` groups, in
   micro-batches of `train.micro_batch_size` sequences;
+- `prepare`: `StepFns.prepare` on the step's groups (reward shaping, GTPO's entropy weights, the
+  loss batch; its outputs split by rows like the scoring pass's);
 - `update`: `StepFns.update` on one mini-batch (`StepFns.take`'s prompts), gradient accumulation
-  over its micro-batches of `train.micro_batch_size` sequences included. Both pad a micro-batch to
-  a multiple of the mesh's batch width (`padded_micro_rows`).
+  over its micro-batches of `train.micro_batch_size` sequences included. The scoring pass and the
+  update pad a micro-batch to a multiple of the mesh's batch width (`padded_micro_rows`).
 
 Each phase prints one JSON line: XLA's `memory_analysis()` of the compiled, SPMD-partitioned
 program, per device: `argument_bytes` (inputs: parameters, state, batch shards), `output_bytes`,
@@ -96,7 +98,7 @@ _HBM_GBPS = flags.DEFINE_float("hbm_gbps", 2765.0, "HBM bandwidth per device in 
 _ROLLOUT_ROWS = flags.DEFINE_integer(
     "rollout_batch_size", -1, "Sequences per sampler call (-1: the config's rollout.batch_size if set, else all)."
 )
-_PHASES = flags.DEFINE_list("phases", ["rollout", "score", "update"], "Phases to compile.")
+_PHASES = flags.DEFINE_list("phases", ["rollout", "score", "prepare", "update"], "Phases to compile.")
 
 GIB = 2**30
 
@@ -210,15 +212,17 @@ def lower_phase(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> Any:
     fns = step_fns(model, cfg, optimizer, mesh)
     if phase == "score":
         return fns.score.lower(params, _groups(mesh, s.score_prompts, s))
+    if phase == "prepare":
+        return fns.prepare.lower(*prepare_args(cfg, mesh, s))
     mini = jax.eval_shape(fns.take, step_batch(cfg, mesh, s, fns), jnp.int32(0))
     mini = jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), mini)
     return fns.update.lower(abstract_state(params, optimizer, mesh), *mini, None)
 
 
-def step_batch(cfg: Config, mesh: Mesh, s: Shapes, fns: Any) -> tuple[Groups, Any]:
-    """The step's `(Groups, LossBatch)` that the update's mini-batches are taken from."""
+def prepare_args(cfg: Config, mesh: Mesh, s: Shapes) -> tuple:
+    """`StepFns.prepare`'s arguments for the whole step: verdicts, groups, lengths, finish
+    reasons, the policy's log-probs and entropies (and the reference's with a KL term)."""
     P, G, T = s.score_prompts, s.group_size, s.response_len
-    groups = _groups(mesh, P, s)
     verdicts = (
         _rows(mesh, (P, G), jnp.float32),
         _rows(mesh, (P, G), bool),
@@ -228,19 +232,26 @@ def step_batch(cfg: Config, mesh: Mesh, s: Shapes, fns: Any) -> tuple[Groups, An
     per_token = _rows(mesh, (P, G, T), jnp.float32)
     ref = per_token if cfg.loss.kl_coef > 0 else None
     pg = _rows(mesh, (P, G), jnp.int32)
-    batch, _ = jax.eval_shape(fns.prepare, verdicts, groups, pg, pg, per_token, per_token, ref)
-    return groups, jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), batch)
+    return verdicts, _groups(mesh, P, s), pg, pg, per_token, per_token, ref
+
+
+def step_batch(cfg: Config, mesh: Mesh, s: Shapes, fns: Any) -> tuple[Groups, Any]:
+    """The step's `(Groups, LossBatch)` that the update's mini-batches are taken from."""
+    args = prepare_args(cfg, mesh, s)
+    batch, _ = jax.eval_shape(fns.prepare, *args)
+    return args[1], jax.tree.map(lambda x: _rows(mesh, x.shape, x.dtype), batch)
 
 
 def resident(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, int]:
     """Per-device bytes that stay on the device during `phase` without being its arguments or
-    outputs (`fits` adds them): AdamW's state while the sampler and the scoring pass run (the
-    parameters are their arguments), a saved KL reference (loss.kl_coef > 0 without LoRA), the
-    step's rollout (`Rollout` of every sampler call: the other calls' while sampling; kept to the
-    end of the step, its log-probs for the sampler/trainer drift), the policy's log-probs and
-    entropies while the reference is scored, and the whole step's `(Groups, LossBatch)` that the
-    update's mini-batches are taken from. XLA's figures count the update's state once: it is
-    donated (`alias_bytes`)."""
+    outputs (`fits` adds them): AdamW's state while the sampler, the scoring pass and `prepare`
+    run (the parameters are the sampler's and the scoring pass's arguments, resident during
+    `prepare`), a saved KL reference (loss.kl_coef > 0 without LoRA), the step's rollout
+    (`Rollout` of every sampler call: the other calls' while sampling; kept to the end of the
+    step, its log-probs for the sampler/trainer drift), the policy's log-probs and entropies
+    while the reference is scored, and the whole step's `(Groups, LossBatch)` that the update's
+    mini-batches are taken from. XLA's figures count the update's state once: it is donated
+    (`alias_bytes`)."""
     model = ModelDef.of(model_config(cfg))
     params = abstract_params(model, mesh)
     P, G, T = s.score_prompts, s.group_size, s.response_len
@@ -248,6 +259,8 @@ def resident(phase: str, cfg: Config, mesh: Mesh, s: Shapes) -> dict[str, int]:
     pg = lambda dtype: _rows(mesh, (P, G), dtype)  # noqa: E731
     rollout = shard_bytes(Rollout(pgt(jnp.int32), pgt(bool), pgt(jnp.float32), pg(jnp.int32), pg(jnp.int32)))
     out = {}
+    if phase == "prepare":
+        out["params"] = shard_bytes(params)
     if phase != "update":
         out["opt_state"] = shard_bytes(abstract_state(params, run_optimizer(cfg), mesh).opt_state)
     if cfg.loss.kl_coef > 0 and not cfg.model.lora_rank:
@@ -281,6 +294,8 @@ def analytic_flops(phase: str, cfg: Config, s: Shapes) -> tuple[float, int]:
         P = s.rollout_prompts
         prefill = forward_flops(m, P * Lp, Lp / 2, P)
         return prefill + forward_flops(m, P * G * T, Lp + T / 2, P * G * T), s.rollout_calls
+    if phase == "prepare":  # elementwise shaping and group statistics: no matrix products
+        return 0.0, 1
     if phase == "score":
         rows = computed_rows(s.score_prompts * G, s)
         calls = 2 if cfg.loss.kl_coef > 0 else 1  # the reference's pass too

@@ -26,7 +26,7 @@ def records():
 
 
 def test_one_line_per_phase_with_every_field(records):
-    assert list(records) == ["rollout", "score", "update"]
+    assert list(records) == ["rollout", "score", "prepare", "update"]
     for r in records.values():
         assert KEYS <= set(r), KEYS - set(r)
         assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -46,8 +46,9 @@ def test_fits_counts_what_stays_resident_during_each_phase(records):
     takes its mini-batch from the whole step's loss batch, and donates its state (the new state
     reuses the old one's buffers: counted once)."""
     params = records["rollout"]["param_bytes_per_device"]
-    for phase in ("rollout", "score"):
+    for phase in ("rollout", "score", "prepare"):
         assert records[phase]["resident"]["opt_state"] == pytest.approx(2 * params, rel=0.01)
+    assert records["prepare"]["resident"]["params"] == params  # not its argument: resident
     assert set(records["update"]["resident"]) == {"rollout", "step_batch"}  # no KL reference: kl_coef 0
     # The rollout of the step: 16 prompts x G = 8 sequences of T = 5 tokens, 9 bytes a token
     # (int32 token, bool mask, float32 log-prob) and 8 a sequence (length, finish reason), over 4 devices;
@@ -58,6 +59,19 @@ def test_fits_counts_what_stays_resident_during_each_phase(records):
     assert records["update"]["alias_bytes"] >= 3 * params  # the donated state
     # The tiny model's sampler fits in 4 MiB, its update (three copies of the parameters and more) does not.
     assert records["rollout"]["fits"] and not records["update"]["fits"]
+
+
+def test_score_and_prepare_outputs_are_split_by_rows(records):
+    """The scoring pass's log-probs and entropies (16 x 8 x 5 float32 each) and `prepare`'s loss
+    batch leave their programs split over the 4 devices: the gather of the real rows after the
+    micro-batches once left them whole on every device (5,136 output bytes, now 1,296)."""
+    whole = 2 * 16 * 8 * 5 * 4
+    assert whole // 4 <= records["score"]["output_bytes"] <= whole // 4 + 64
+    # The update's resident step batch is the groups and the loss batch, both a quarter per device;
+    # a whole loss batch alone would be several times that.
+    groups = (16 * 16 * 5 + 16 * 8 * 5 * 5) // 4  # int32 + bool prompts, tokens and mask
+    loss_batch = records["update"]["resident"]["step_batch"] - groups
+    assert loss_batch <= records["prepare"]["output_bytes"] <= loss_batch + 512  # plus scalar diagnostics
 
 
 def test_arguments_hold_a_quarter_of_the_parameters(records):

@@ -86,6 +86,7 @@ def test_micro_batched_loss_and_gradient_equal_the_whole_batch(tmp_path, algorit
     ref_logp = ref_logp if cfg.loss.kl_coef > 0 else None
     finish = jnp.zeros((P, G), jnp.int32)
     batch, _ = whole.prepare(verdicts, groups, lengths, finish, old_logp, entropy, ref_logp)
+    batch = jax.tree.map(np.asarray, batch)  # on the host: `prepare` placed it on the 1-device mesh
     want_loss, want_grad = _reference(run, params, groups, batch)
     assert float(want_loss) != 0 and optax.tree.norm(want_grad) > 0
 

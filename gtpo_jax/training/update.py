@@ -146,12 +146,19 @@ def _scorer(model: ModelDef, cfg: Config) -> Callable:
     return run
 
 
-def _prepare_fn(cfg: Config) -> Callable:
+def _on_rows(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf of `tree` split by its leading (rows) dimension over the mesh's batch axes
+    (`rows_sharding`): without it, a gather or a whole-batch computation leaves its output
+    replicated, a whole `[P, G, T]` float32 array on every device."""
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape)), tree)
+
+
+def _prepare_fn(cfg: Config, mesh: Mesh) -> Callable:
     @jax.jit
     def prepare(verdicts, groups: Groups, lengths, finish_reason, old_logp, entropy, ref_logp):
         rewards, valid, correct, informative = verdicts
         truncated = finish_reason == FINISH_LENGTH
-        return prepare_batch(
+        batch, diagnostics = prepare_batch(
             cfg.loss,
             rewards=rewards,
             mask=groups.mask,
@@ -164,6 +171,7 @@ def _prepare_fn(cfg: Config) -> Callable:
             correct=correct,
             informative=informative,
         )
+        return _on_rows(mesh, batch), diagnostics
 
     return prepare
 
@@ -233,8 +241,7 @@ def mini_batch_fn(mesh: Mesh, n: int) -> Callable:
 
     @jax.jit
     def take(tree: Any, start: jax.Array) -> Any:
-        rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, n, axis=0), tree)
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape)), rows)
+        return _on_rows(mesh, jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, n, axis=0), tree))
 
     return take
 
@@ -286,11 +293,11 @@ def step_fns(model: ModelDef, cfg: Config, optimizer: optax.GradientTransformati
         P, G, T = groups.tokens.shape
         keep = np.flatnonzero(micro_split(P * G, size, width)[1])  # the real slots, in row order
         logp, entropy = jax.lax.map(lambda g: scorer(params, g), split(groups))
-        return tuple(x.reshape(-1, T)[keep].reshape(P, G, T) for x in (logp, entropy))
+        return _on_rows(mesh, tuple(x.reshape(-1, T)[keep].reshape(P, G, T) for x in (logp, entropy)))
 
     n = t.prompts_per_step // t.mini_batches
     update = _update_fn(scorer, cfg, optimizer, split)
-    return StepFns(score_all, _prepare_fn(cfg), update, mini_batch_fn(mesh, n), n, size, padded)
+    return StepFns(score_all, _prepare_fn(cfg, mesh), update, mini_batch_fn(mesh, n), n, size, padded)
 
 
 def train_on(fns: StepFns, state: TrainState, groups: Groups, loss_batch: LossBatch, cfg: Config):
