@@ -536,7 +536,8 @@ def test_a_step_over_the_length_bucket_equals_one_over_the_full_length(tmp_path,
         np.testing.assert_allclose(on["grad_norm"], off["grad_norm"], rtol=1e-6)
         assert on["grad_norm"] > 0
         # Float32 rounding of matmuls over other shapes, through AdamW's first step (lr 5e-4, a
-        # near-zero gradient element's update is ~lr * g / |g|): 1% of a step.
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-6), params_on, params_off)
+        # near-zero gradient element's update is ~lr * g / |g|): 2% of a step (1.4% measured on 1 of
+        # 8192 elements once the scoring outputs were split by rows on the 8 devices).
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params_on, params_off)
     finally:
         trainer.close()
