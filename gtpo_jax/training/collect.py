@@ -207,13 +207,16 @@ def _fit(x: jax.Array, width: int, fill: Any) -> jax.Array:
     return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "pad_id"))
-def _take_rows(parts: tuple, rows: jax.Array, width: int, pad_id: int) -> tuple:
-    """Rows `rows` of the concatenated parts `(prompts, prompt_valid, rollout)`; prompts brought to `width`."""
-    prompts = jnp.concatenate([_fit(p[0], width, pad_id) for p in parts])
-    valid = jnp.concatenate([_fit(p[1], width, False) for p in parts])
-    rollout = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p[2] for p in parts])
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), (prompts, valid, rollout))
+@functools.partial(jax.jit, static_argnames=("width", "pad_id"), donate_argnums=0)
+def _merge_rows(acc: tuple, part: tuple, rows: jax.Array, mine: jax.Array, width: int, pad_id: int) -> tuple:
+    """`acc` (`(prompts, prompt_valid, rollout)` of the selected groups) with the slots where
+    `mine` taken from rows `rows` of one sampling round's `part`; prompts brought to `width`.
+    One program for every round and every number of rounds: dynamic sampling's refills compile
+    nothing new (a concatenation of the rounds compiled once per round count)."""
+    prompts, valid, rollout = part
+    taken = (_fit(prompts, width, pad_id), _fit(valid, width, False), rollout)
+    taken = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), taken)
+    return jax.tree.map(lambda a, t: jnp.where(mine.reshape(-1, *[1] * (t.ndim - 1)), t, a), acc, taken)
 
 
 def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
@@ -223,8 +226,21 @@ def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]
     flat = np.asarray([offsets[i] + r for i, r in rows], np.int32)
     pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
     width = bucket_length(int(pick("prompt_lengths").max()), run.cfg.rollout.prompt_buckets)
-    device = tuple((p.prompts, p.prompt_valid, p.rollout) for p in parts)
-    prompts, valid, rollout = run.place.as_rows(_take_rows(device, jnp.asarray(flat), width, run.tok.pad_id))
+    part_of, row_of = (np.asarray(x, np.int32) for x in zip(*rows, strict=True))
+    first = parts[0]
+    acc = (
+        jnp.zeros((len(rows), width), first.prompts.dtype),
+        jnp.zeros((len(rows), width), first.prompt_valid.dtype),
+        jax.tree.map(lambda x: jnp.zeros((len(rows), *x.shape[1:]), x.dtype), first.rollout),
+    )
+    for i, p in enumerate(parts):
+        mine = part_of == i
+        if mine.any():
+            local = jnp.asarray(np.where(mine, row_of, 0))
+            acc = _merge_rows(
+                acc, (p.prompts, p.prompt_valid, p.rollout), local, jnp.asarray(mine), width, run.tok.pad_id
+            )
+    prompts, valid, rollout = run.place.as_rows(acc)
     records = sum((p.records for p in parts), [])
     return GroupBatch(
         [records[i] for i in flat],

@@ -41,7 +41,7 @@ from gtpo_jax.training.build import Run, build, initial_params, load_data, promp
 from gtpo_jax.training.checkpoint import Checkpointer, PreemptionGuard
 from gtpo_jax.training.collect import GroupBatch, RewardHealthError, Verdicts, check_reward_health, collect
 from gtpo_jax.training.evaluation import evaluate
-from gtpo_jax.training.metrics import open_metrics
+from gtpo_jax.training.metrics import CompileCounter, open_metrics
 from gtpo_jax.training.samples import write_samples
 from gtpo_jax.training.state import TrainState, init_state
 from gtpo_jax.training.update import Groups, response_width, train_on
@@ -142,6 +142,15 @@ def eval_due(cfg: Config, step: int, record: dict[str, float], rounds_left: int 
     return bool(e.every) and step % e.every == 0
 
 
+def recompiled(step: int, names: list[str]) -> str:
+    """The warning for a step after the first that compiled (`CompileCounter`)."""
+    return (
+        f"warning: step {step} compiled {len(names)} program(s) after the run's first step "
+        f"({', '.join(sorted(set(names)))}); a new prompt or response length bucket compiles once (logged "
+        "above), anything else recompiles as the run goes on and slows it"
+    )
+
+
 def _changes(start: dict[str, float], final: dict[str, float], step: int) -> list[str]:
     """`held-out avg@k: a% at the start -> b% after N steps (+c points)` (and greedy pass@1)."""
     keys = [k for k in final if (k.startswith("avg@") or k == "greedy_pass@1") and k in start]
@@ -171,6 +180,11 @@ def train_loop(trainer: Trainer) -> dict[str, Any]:
     splash attention kernel, the layout `benchmarks/memory_plan.py` plans. The checkpoints, the
     resume and every step run in that one context, so a resumed run stays bit-identical to one
     that never stopped (the step functions are the same programs before and after)."""
+    with CompileCounter() as trainer.compiles:
+        return _steps(trainer)
+
+
+def _steps(trainer: Trainer) -> dict[str, Any]:
     trainer._start()
     ran = 0
     with PreemptionGuard() as guard:
@@ -178,6 +192,10 @@ def train_loop(trainer: Trainer) -> dict[str, Any]:
             record = trainer.step(lambda: agreed(guard.requested))
             ran += record is not None
             why = trainer._after_step(record, ran, guard)
+            if record is not None and ran > 1 and record["compilations"]:
+                trainer.metrics.message(
+                    recompiled(int(trainer.state.step), trainer.compiles.names[-int(record["compilations"]) :])
+                )
             if why:
                 step = int(trainer.state.step)
                 trainer.metrics.message(f"stopping at step {step} ({why}); resume with the same command")
@@ -199,6 +217,7 @@ class Trainer:
         self.metrics = open_metrics(cfg)
         self.state = _fresh_state(self.built, initial_params(self.built) if params is None else params)
         self.ref_params = None
+        self.compiles = CompileCounter()  # entered by `train_loop`
         # Run facts saved with every checkpoint; `sampled_responses` counts every response generated
         # by completed steps (refills included), for the sampling budget.
         self.meta: dict[str, Any] = {"config": to_dict(cfg), "sampled_responses": 0}
@@ -288,6 +307,7 @@ class Trainer:
         if record is not None:
             if eval_due(cfg, step, record, self._rounds_left()):
                 record.update(_prefixed(self.evaluate()))
+            record["compilations"] = float(len(self.compiles.take()))  # this step's, its evaluation's
             if step % cfg.train.log_every == 0 or step == cfg.train.steps or any(k.startswith("eval/") for k in record):
                 self.metrics.write(step, record)
                 self.metrics.progress(step, record, CONSOLE_KEYS)

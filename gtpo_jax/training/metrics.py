@@ -175,3 +175,35 @@ class MetricsWriter:
                 self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+# jax's monitoring event for each XLA compilation (or persistent-cache load) of a jitted program.
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA compilations while entered (`jax.monitoring`'s backend-compile event, with the
+    compiled function's name). A run compiles its programs in its first step (and the warm-up and
+    start evaluation before it); a later step compiles only for a prompt or response length bucket
+    seen for the first time. Anything else (a shape that changes with dynamic sampling's refills, a
+    host value traced as a constant) recompiles step after step, silently slowing the run."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._taken = 0
+
+    def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == COMPILE_EVENT:
+            self.names.append(str(kwargs.get("fun_name", "?")))
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    def take(self) -> list[str]:
+        """The functions compiled since the last `take`."""
+        new, self._taken = self.names[self._taken :], len(self.names)
+        return new
