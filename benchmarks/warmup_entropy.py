@@ -35,7 +35,9 @@ def entropy_stats(entropy: np.ndarray, mask: np.ndarray) -> dict[str, float | li
     """Distribution of `entropy` `[N, T]` over the tokens where `mask`, and along responses."""
     tokens = entropy[mask]
     lengths = mask.sum(-1)
-    rows = [entropy[i, : lengths[i]] for i in range(len(lengths)) if lengths[i] > 1]
+    if not mask.any():
+        raise ValueError("no response tokens: every sampled response is empty")
+    rows = [entropy[i, : lengths[i]] for i in range(len(lengths)) if lengths[i] > 0]  # a 1-token one: std 0
     by_position = [float(entropy[mask[:, t], t].mean()) for t in range(mask.shape[1]) if mask[:, t].any()]
     return {
         **{f"p{q}": float(np.percentile(tokens, q)) for q in QUANTILES},
@@ -78,7 +80,7 @@ def seed_record(values: dict, seed: int) -> dict:
         "samples_per_prompt": cfg.loss.group_size,
         "temperature": t,
         "mean_response_tokens": float(batch.lengths.mean()),
-        "sampled_accuracy": float((batch.rewards > 0).mean()),
+        "sampled_accuracy": float(((batch.rewards > cfg.loss.success_threshold) & batch.valid).mean()),
         "entropy": entropy_stats(np.asarray(entropy, np.float32).reshape(mask.shape), mask),
     }
 

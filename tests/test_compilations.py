@@ -23,11 +23,16 @@ def test_the_counter_sees_each_new_shape_once():
         assert counter.take() == ["jit(double_plus_one)"]
         f(y3)  # the same shape: cached
         assert counter.take() == []
+        assert counter.again() == []
         f(x4)  # a new shape: compiled again
         assert counter.take() == ["jit(double_plus_one)"]
+        assert counter.again() == ["jit(double_plus_one)"]  # a recompilation, not a first compile
+        g = jax.jit(lambda x: x - 1)
+        g(x4)
+        assert counter.take() == ["jit(<lambda>)"] and counter.again() == []  # compiled for the first time
     f(x5)  # outside: not counted
-    assert counter.names == ["jit(double_plus_one)"] * 2
-    assert "step 3 compiled 2 program(s)" in recompiled(3, ["a", "b"])
+    assert counter.names == ["jit(double_plus_one)"] * 2 + ["jit(<lambda>)"]
+    assert "step 3 compiled again, for new input shapes: a, b;" in recompiled(3, ["a", "b"])
 
 
 def test_refills_and_evaluations_compile_nothing_after_the_first_step(tmp_path):

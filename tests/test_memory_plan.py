@@ -1,4 +1,4 @@
-"""benchmarks/memory_plan.py compiles the three phases of a step on 4 fake devices and prints one
+"""benchmarks/memory_plan.py compiles the four phases of a step on 4 fake devices and prints one
 JSON line per phase whose bytes add up, whose arguments hold the parameter shards, and whose
 predicted time follows from the analytic FLOPs."""
 

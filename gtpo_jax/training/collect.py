@@ -40,6 +40,7 @@ from absl import logging
 from gtpo_jax.config import RewardSection
 from gtpo_jax.data.prompts import bucket_length, pad_prompts
 from gtpo_jax.data.tokenizer import Tokenizer
+from gtpo_jax.models.sharding import rows_sharding
 from gtpo_jax.parallel.placement import allgather, gather_rows, local_rows
 from gtpo_jax.rewards.pool import RewardPool
 from gtpo_jax.rewards.registry import CRASH, ERROR, OK, TIMEOUT, reward_status
@@ -207,16 +208,18 @@ def _fit(x: jax.Array, width: int, fill: Any) -> jax.Array:
     return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "pad_id"), donate_argnums=0)
-def _merge_rows(acc: tuple, part: tuple, rows: jax.Array, mine: jax.Array, width: int, pad_id: int) -> tuple:
+@functools.partial(jax.jit, static_argnames=("width", "pad_id", "mesh"), donate_argnums=0)
+def _merge_rows(acc: tuple, part: tuple, rows: jax.Array, mine: jax.Array, width: int, pad_id: int, mesh: Any) -> tuple:
     """`acc` (`(prompts, prompt_valid, rollout)` of the selected groups) with the slots where
     `mine` taken from rows `rows` of one sampling round's `part`; prompts brought to `width`.
     One program for every round and every number of rounds: dynamic sampling's refills compile
-    nothing new (a concatenation of the rounds compiled once per round count)."""
+    nothing new (a concatenation of the rounds compiled once per round count). The result stays
+    split by rows over `mesh`'s batch axes, not whole on every device."""
     prompts, valid, rollout = part
     taken = (_fit(prompts, width, pad_id), _fit(valid, width, False), rollout)
     taken = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), taken)
-    return jax.tree.map(lambda a, t: jnp.where(mine.reshape(-1, *[1] * (t.ndim - 1)), t, a), acc, taken)
+    merged = jax.tree.map(lambda a, t: jnp.where(mine.reshape(-1, *[1] * (t.ndim - 1)), t, a), acc, taken)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape)), merged)
 
 
 def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]]) -> GroupBatch:
@@ -227,19 +230,19 @@ def select(run: Run, parts: Sequence[GroupBatch], rows: Sequence[tuple[int, int]
     pick = lambda name: np.concatenate([getattr(p, name) for p in parts])[flat]  # noqa: E731
     width = bucket_length(int(pick("prompt_lengths").max()), run.cfg.rollout.prompt_buckets)
     part_of, row_of = (np.asarray(x, np.int32) for x in zip(*rows, strict=True))
-    first = parts[0]
+    first, mesh = parts[0], run.place.mesh
+    zeros = lambda shape, dtype: jnp.zeros(shape, dtype, device=rows_sharding(mesh, shape))  # noqa: E731
     acc = (
-        jnp.zeros((len(rows), width), first.prompts.dtype),
-        jnp.zeros((len(rows), width), first.prompt_valid.dtype),
-        jax.tree.map(lambda x: jnp.zeros((len(rows), *x.shape[1:]), x.dtype), first.rollout),
+        zeros((len(rows), width), first.prompts.dtype),
+        zeros((len(rows), width), first.prompt_valid.dtype),
+        jax.tree.map(lambda x: zeros((len(rows), *x.shape[1:]), x.dtype), first.rollout),
     )
     for i, p in enumerate(parts):
         mine = part_of == i
         if mine.any():
             local = jnp.asarray(np.where(mine, row_of, 0))
-            acc = _merge_rows(
-                acc, (p.prompts, p.prompt_valid, p.rollout), local, jnp.asarray(mine), width, run.tok.pad_id
-            )
+            part = (p.prompts, p.prompt_valid, p.rollout)
+            acc = _merge_rows(acc, part, local, jnp.asarray(mine), width, run.tok.pad_id, mesh)
     prompts, valid, rollout = run.place.as_rows(acc)
     records = sum((p.records for p in parts), [])
     return GroupBatch(

@@ -143,11 +143,11 @@ def eval_due(cfg: Config, step: int, record: dict[str, float], rounds_left: int 
 
 
 def recompiled(step: int, names: list[str]) -> str:
-    """The warning for a step after the first that compiled (`CompileCounter`)."""
+    """The warning for a step after the first that compiled programs again (`CompileCounter.again`)."""
     return (
-        f"warning: step {step} compiled {len(names)} program(s) after the run's first step "
-        f"({', '.join(sorted(set(names)))}); a new prompt or response length bucket compiles once (logged "
-        "above), anything else recompiles as the run goes on and slows it"
+        f"warning: step {step} compiled again, for new input shapes: {', '.join(names)}; expected once per "
+        "prompt or response length bucket (the first use of each is logged at INFO), anything else is a "
+        "shape that changes from step to step and recompiles as the run goes on, slowing it"
     )
 
 
@@ -192,10 +192,9 @@ def _steps(trainer: Trainer) -> dict[str, Any]:
             record = trainer.step(lambda: agreed(guard.requested))
             ran += record is not None
             why = trainer._after_step(record, ran, guard)
-            if record is not None and ran > 1 and record["compilations"]:
-                trainer.metrics.message(
-                    recompiled(int(trainer.state.step), trainer.compiles.names[-int(record["compilations"]) :])
-                )
+            again = trainer.compiles.again() if record is not None and ran > 1 else []
+            if again:
+                trainer.metrics.message(recompiled(int(trainer.state.step), again))
             if why:
                 step = int(trainer.state.step)
                 trainer.metrics.message(f"stopping at step {step} ({why}); resume with the same command")

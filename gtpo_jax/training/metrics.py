@@ -183,13 +183,16 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 class CompileCounter:
     """Counts XLA compilations while entered (`jax.monitoring`'s backend-compile event, with the
-    compiled function's name). A run compiles its programs in its first step (and the warm-up and
-    start evaluation before it); a later step compiles only for a prompt or response length bucket
-    seen for the first time. Anything else (a shape that changes with dynamic sampling's refills, a
-    host value traced as a constant) recompiles step after step, silently slowing the run."""
+    compiled function's name). A run compiles most of its programs in its first step (and the
+    warm-up and start evaluation before it); a later step may compile a program for the first time
+    (the first periodic evaluation of a resumed run, the first samples table), or compile one again
+    for a prompt or response length bucket seen for the first time. Any other recompilation (a
+    shape that changes with dynamic sampling's refills, a host value traced as a constant) repeats
+    step after step, silently slowing the run: `again` names them."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.last: list[str] = []  # the last `take`'s
         self._taken = 0
 
     def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
@@ -205,5 +208,10 @@ class CompileCounter:
 
     def take(self) -> list[str]:
         """The functions compiled since the last `take`."""
-        new, self._taken = self.names[self._taken :], len(self.names)
-        return new
+        self.last, self._taken = self.names[self._taken :], len(self.names)
+        return self.last
+
+    def again(self) -> list[str]:
+        """The functions of the last `take` that were compiled before it too: recompilations."""
+        before = set(self.names[: self._taken - len(self.last)])
+        return sorted({name for name in self.last if name in before})
