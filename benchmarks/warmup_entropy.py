@@ -25,8 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_PROMPTS = flags.DEFINE_integer("prompts", 64, "Held-out prompts per seed (each sampled G times).")
+FLAGS = flags.FLAGS  # defined when run as a script (`_define_flags`): tests import the statistics
 
 QUANTILES = (10, 25, 50, 75, 90, 99)
 
@@ -48,7 +47,12 @@ def entropy_stats(entropy: np.ndarray, mask: np.ndarray) -> dict[str, float | li
     }
 
 
-def seed_record(values: dict, seed: int) -> dict:
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+    flags.DEFINE_integer("prompts", 64, "Held-out prompts per seed (each sampled G times).")
+
+
+def seed_record(values: dict, seed: int, prompts: int) -> dict:
     """The JSON record of one seed's warm-up (see the module docstring)."""
     from gtpo_jax.config import from_dict
     from gtpo_jax.scoring import score
@@ -60,7 +64,7 @@ def seed_record(values: dict, seed: int) -> dict:
     cfg = run_config(values, "dapo", seed)  # the warm-up depends on no loss field
     params = warm_start(cfg, base.warmup.steps, Path(base.train.run_dir) / "warmup" / f"seed{seed}", print_err)
     run = build(cfg, train=False)
-    records = load_data(cfg, run.encode)[1][: _PROMPTS.value]
+    records = load_data(cfg, run.encode)[1][:prompts]
     pool, t = reward_pool(cfg, [], records), cfg.rollout.temperature
     try:
         with jax.set_mesh(run.mesh):
@@ -91,9 +95,9 @@ def main(argv: list[str]) -> None:
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    values = _CONFIG.value.to_dict()
+    values = FLAGS.config.to_dict()
     for seed in values["compare"]["seeds"]:
-        print(json.dumps(seed_record(values, seed)), flush=True)
+        print(json.dumps(seed_record(values, seed, FLAGS.prompts)), flush=True)
 
 
 def print_err(text: str) -> None:
@@ -101,4 +105,5 @@ def print_err(text: str) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

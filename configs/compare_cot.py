@@ -60,9 +60,12 @@ minutes; the others 237-297 s. The 310 s estimated from the first grid's 2.1 s s
 The grid now stops at 24576 responses (96 GRPO steps, ~50 DAPO-style steps) and evaluates every
 8192 (start, 8192, 16384, end: four evaluations of ~13 s): 96 x 2.4 + 4 x 13 + ~45 s of compilation
 and checkpoints ~ 330 s planned for a GRPO run (measured: 300 s). That grid's warm-ups, made
-afresh by the current code (the committed grids had reused warm-ups made by earlier code), started
+afresh by the current code (the earlier grids' started at 23.5-29.5%: apparently made by earlier
+code and reused; the first 20 warm-up steps of this code and of that grid's commit agree), started
 RL at 11.5% (seed 0) and 7.5% (seed 1) greedy, under the 10% floor; it was stopped and the warm-up
-lengthened to 1000 steps. The committed grid's figures are in benchmarks/results/compare_cot.json.
+lengthened to 1000 steps. The committed grid (benchmarks/results/compare_cot.json, 73.4 min):
+GRPO runs 282-305 s, DAPO-style 187-214 s; RL starts at 16.5 / 9.0 / 38.0% greedy for seeds
+0 / 1 / 2, seed 1 still under the 10% floor.
 """
 
 from gtpo_jax.config import base_config
